@@ -1,0 +1,144 @@
+"""The `pocketr1` command: one small function per verb. User errors print one sentence and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from pocketr1 import config as config_mod
+from pocketr1.errors import UserError
+
+RUNS = Path("runs")
+
+
+def _common_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. grpo.steps=100 grpo.variant=dr_grpo model.hidden_size=256")
+    p.add_argument("--preset", default="default", help="size dial: tiny (a minute), default, small (longer)")
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<preset>-<time>)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, mps")
+
+
+def _new_or_resumed(args, until: str):
+    from pocketr1.run import Run, latest_link
+
+    if getattr(args, "resume", False) or (args.out and (args.out / "state.json").exists() and until != "report"):
+        folder = args.out or RUNS / "latest"
+        if not getattr(args, "resume", False):
+            raise UserError(f"{folder} already holds a run; add --resume to continue it.")
+        if args.overrides:
+            raise UserError("--resume continues a run with its saved config; drop the overrides.")
+        run = Run.open(folder.resolve() if folder.exists() else folder)
+    else:
+        cfg = config_mod.build(args.preset, args.overrides)
+        if args.device:
+            cfg.device = args.device
+        folder = args.out or RUNS / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run = Run.create(folder, cfg)
+    if args.out is None or args.out.parent == RUNS:
+        latest_link(RUNS if args.out is None else args.out.parent, run.folder)
+    return run
+
+
+def cmd_run(args) -> None:
+    from pocketr1.report import print_summary
+
+    run = _new_or_resumed(args, "report")
+    run.run()
+    print_summary(run)
+
+
+def cmd_stage(args) -> None:
+    run = _new_or_resumed(args, args.command) if not args.out or not (args.out / "config.json").exists() \
+        else __import__("pocketr1.run", fromlist=["Run"]).Run.open(args.out)
+    run.run(until=args.command)
+
+
+def cmd_eval(args) -> None:
+    from pocketr1.cli_eval import evaluate_command
+
+    evaluate_command(args)
+
+
+def cmd_chat(args) -> None:
+    from pocketr1.chat import chat
+
+    chat(args)
+
+
+def cmd_ask(args) -> None:
+    from pocketr1.chat import ask
+
+    ask(args)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pocketr1",
+        description="Grow, run and modify DeepSeek-R1-style reasoning models offline on one computer.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="grow a reasoning model from nothing (R1-Zero): data, tokenizer, base, GRPO, "
+                                    "eval, report")
+    _common_run_args(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (--out, or runs/latest)")
+    p.set_defaults(func=cmd_run)
+
+    for stage, text in (("corpus", "write the task corpus"), ("tokenizer", "train the BPE tokenizer"),
+                        ("pretrain", "pretrain the base model"), ("grpo", "run GRPO from the base model"),
+                        ("report", "write report.md, plots and summary.json")):
+        p = sub.add_parser(stage, help=f"{text} (and any earlier stage not done yet) in a run folder")
+        _common_run_args(p)
+        p.add_argument("--resume", action="store_true", help="continue this stage from its checkpoint")
+        p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("eval", help="pass@1 over k samples, cons@k, greedy, on held-out problems")
+    p.add_argument("path", type=Path, help="a run folder or a model folder")
+    p.add_argument("--task", action="append", help="task family (repeatable; default: all of the run's)")
+    p.add_argument("--difficulty", default="", help="knobs as key=value,... e.g. min_terms=6,max_terms=8")
+    p.add_argument("--k", type=int, default=4, help="samples per problem")
+    p.add_argument("--problems", type=int, default=200, help="held-out problems per task")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("chat", help="talk to a model in the terminal; thinking shown dimmed, then the answer")
+    p.add_argument("path", type=Path, help="a run folder (uses its RL model) or a model folder")
+    _sampling_args(p)
+    p.add_argument("--stats", action="store_true", help="show first-token and per-token latency")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("ask", help="one question, one streamed answer")
+    p.add_argument("path", type=Path, help="a run folder or a model folder")
+    p.add_argument("question")
+    _sampling_args(p)
+    p.add_argument("--raw", action="store_true", help="send the text as-is (no chat template); print only the "
+                                                    "completion")
+    p.set_defaults(func=cmd_ask)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"pocketr1: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\npocketr1: interrupted.", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,64 @@
+"""GRPO's objective, as in DeepSeekMath / R1, with the Dr. GRPO and DAPO variants as switches.
+
+    ρ = π_θ / π_old per token,  A_i = (r_i − mean r) / std r  (per group of G samples of one prompt)
+    per-token loss = −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A) + β·KL_k3,
+    KL_k3 = exp(ref − logp) − (ref − logp) − 1
+
+Variants differ only in how advantages are normalised and how token losses are averaged:
+    grpo     std-normalised A; mean over each sequence's tokens, then over sequences
+    dr_grpo  A = r − mean r (no std); sum over tokens / a constant (the generation budget)
+    dapo     std-normalised A; one mean over every token in the batch (use with eps_high > eps_low)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+VARIANTS = ("grpo", "dr_grpo", "dapo")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, variant: str) -> torch.Tensor:
+    """Advantages for rewards laid out group by group ([prompt0 × G, prompt1 × G, ...])."""
+    grouped = rewards.view(-1, group_size)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if variant != "dr_grpo":
+        centered = centered / (grouped.std(dim=1, keepdim=True) + 1e-4)  # unbiased std, as TRL
+    return centered.flatten()
+
+
+@dataclass(slots=True)
+class LossParts:
+    loss: torch.Tensor
+    kl: float  # mean k3 KL per token
+    clipped: float  # share of tokens where the clip was active
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, variant: str, eps_low: float, eps_high: float,
+              beta: float, budget: int) -> LossParts:
+    """Loss over completions [N, T]; `mask` marks real completion tokens; `budget` is max_new_tokens."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and beta > 0:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    per_token = per_token * mask
+    lengths = mask.sum(dim=1).clamp(min=1)
+    if variant == "grpo":
+        loss = (per_token.sum(dim=1) / lengths).mean()
+    elif variant == "dr_grpo":
+        loss = (per_token.sum(dim=1) / budget).mean()
+    elif variant == "dapo":
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    else:
+        raise ValueError(f"unknown GRPO variant {variant!r}")
+    n_tokens = mask.sum().clamp(min=1)
+    clip_active = ((unclipped - clipped).abs() > 0).float() * mask
+    return LossParts(loss, float((kl * mask).sum() / n_tokens), float(clip_active.sum() / n_tokens))
