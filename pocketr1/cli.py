@@ -21,39 +21,36 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda, mps")
 
 
-def _new_or_resumed(args, until: str):
+def _open_run(args, continuing: bool):
+    """The run at --out (or runs/latest) when continuing, else a new run from --preset and overrides."""
     from pocketr1.run import Run, latest_link
 
-    if getattr(args, "resume", False) or (args.out and (args.out / "state.json").exists() and until != "report"):
-        folder = args.out or RUNS / "latest"
-        if not getattr(args, "resume", False):
-            raise UserError(f"{folder} already holds a run; add --resume to continue it.")
+    if continuing:
         if args.overrides:
-            raise UserError("--resume continues a run with its saved config; drop the overrides.")
-        run = Run.open(folder.resolve() if folder.exists() else folder)
-    else:
-        cfg = config_mod.build(args.preset, args.overrides)
-        if args.device:
-            cfg.device = args.device
-        folder = args.out or RUNS / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run = Run.create(folder, cfg)
-    if args.out is None or args.out.parent == RUNS:
-        latest_link(RUNS if args.out is None else args.out.parent, run.folder)
+            raise UserError("a run continues with its saved config; drop the overrides (or start a new --out).")
+        return Run.open(args.out or RUNS / "latest")
+    cfg = config_mod.build(args.preset, args.overrides)
+    if args.device:
+        cfg.device = args.device
+    run = Run.create(args.out or RUNS / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", cfg)
+    if args.out is None:
+        latest_link(RUNS, run.folder)
     return run
 
 
 def cmd_run(args) -> None:
     from pocketr1.report import print_summary
 
-    run = _new_or_resumed(args, "report")
+    run = _open_run(args, continuing=args.resume)
     run.run()
     print_summary(run)
 
 
 def cmd_stage(args) -> None:
-    run = _new_or_resumed(args, args.command) if not args.out or not (args.out / "config.json").exists() \
-        else __import__("pocketr1.run", fromlist=["Run"]).Run.open(args.out)
-    run.run(until=args.command)
+    """One stage (after any earlier one not done yet), in the run at --out if it exists, else a new run."""
+    continuing = args.resume or (args.out is not None and (args.out / "config.json").exists())
+    run = _open_run(args, continuing)
+    run.run(until=args.command, redo=args.command == "report")
 
 
 def cmd_eval(args) -> None:
@@ -128,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     p.add_argument("--raw", action="store_true", help="send the text as-is (no chat template); print only the "
                                                     "completion")
+    p.add_argument("--stats", action="store_true", help="show first-token and per-token latency (on stderr)")
     p.set_defaults(func=cmd_ask)
     return parser
 

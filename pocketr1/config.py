@@ -33,7 +33,8 @@ class TokenizerConfig:
 @dataclass(slots=True)
 class PretrainConfig:
     steps: int = 1500
-    batch_size: int = 64
+    rows: int = 16  # documents are packed end to end into rows of seq_len tokens
+    seq_len: int = 256
     lr: float = 2e-3
     warmup: int = 50
     weight_decay: float = 0.1
@@ -79,6 +80,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # 0: every core
+    dtype: str = "auto"  # training matmul precision: auto (bf16 where it is fast), bfloat16, float32
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
@@ -89,7 +91,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Out-of-range evaluation rows for the report: family -> difficulty overrides beyond training's range.
     stretch: dict[str, dict[str, int]] = field(default_factory=lambda: {
-        "arithmetic": {"min_terms": 6, "max_terms": 7}})
+        "arithmetic": {"min_terms": 8, "max_terms": 10}})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -99,7 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tokenizer": {"vocab_size": 320},
         "model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                   "num_key_value_heads": 2},
-        "pretrain": {"steps": 60, "batch_size": 32, "checkpoint_every": 20, "log_every": 5},
+        "pretrain": {"steps": 60, "rows": 8, "seq_len": 128, "checkpoint_every": 20, "log_every": 5},
         "grpo": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "eval_every": 2, "eval_problems": 8,
                  "checkpoint_every": 2, "max_new_tokens": 48},
         "eval": {"problems": 16, "k": 2, "max_new_tokens": 48},

@@ -147,7 +147,10 @@ class Run:
         write_report(self)
         return {}
 
-    def run(self, until: str = STAGES[-1]) -> None:
+    def run(self, until: str = STAGES[-1], redo: bool = False) -> None:
+        """Every stage up to `until` that is not done yet; `redo` runs `until` again even if it is."""
+        if redo and until in self.state["done"]:
+            self.state["done"].remove(until)
         for stage in STAGES[:STAGES.index(until) + 1]:
             if self.done(stage):
                 continue

@@ -10,7 +10,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     """One token id per row of `logits` [batch, vocab]."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()  # no copy when already float32
+    if temperature != 1.0:
+        logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -8,6 +8,9 @@ from pocketr1.errors import UserError
 
 SUPPORTED = ("qwen2", "llama")
 MAX_PARAMS = 200e9  # a config claiming more is refused before anything is allocated
+MAX_LAYERS = 1024  # each layer is built (on the meta device) before weights load: a million would hang
+POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings")
 
 
 @dataclass(slots=True)
@@ -31,13 +34,27 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED:
-            raise UserError(f"model_type '{self.model_type}' is not supported (supported: {', '.join(SUPPORTED)}).")
+            raise UserError(f"model_type '{self.model_type}' is not supported "
+                            f"(supported: {', '.join(SUPPORTED)}).")
+        for name in POSITIVE:
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise UserError(f"model config: {name} must be a positive integer, not {value!r}.")
+        if type(self.head_dim) is not int or self.head_dim < 0:
+            raise UserError(f"model config: head_dim must be a non-negative integer, not {self.head_dim!r}.")
+        if self.num_hidden_layers > MAX_LAYERS:
+            raise UserError(f"config describes {self.num_hidden_layers} layers, more than pocket-r1 accepts "
+                            f"({MAX_LAYERS}).")
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.head_dim == 0:
+                raise UserError(f"model config: hidden_size {self.hidden_size} is smaller than "
+                                f"num_attention_heads {self.num_attention_heads}.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError("num_attention_heads must be a multiple of num_key_value_heads.")
         if self.num_params() > MAX_PARAMS:
-            raise UserError(f"config describes {self.num_params():.3g} parameters, more than pocket-r1 accepts.")
+            raise UserError(f"config describes {self.num_params():.3g} parameters, "
+                            "more than pocket-r1 accepts.")
 
     def num_params(self) -> int:
         h, hd = self.hidden_size, self.head_dim
@@ -57,6 +74,12 @@ class ModelConfig:
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         if d.get("rope_scaling"):
             raise UserError("rope_scaling is not supported yet.")
+        rope = d.get("rope_parameters")  # transformers >= 5 writes rope_theta inside this dict
+        if isinstance(rope, dict):
+            if rope.get("rope_type", "default") != "default":
+                raise UserError(f"rope_type '{rope.get('rope_type')}' is not supported yet.")
+            if rope.get("rope_theta") is not None:
+                kwargs["rope_theta"] = rope["rope_theta"]
         try:
             return cls(**kwargs)
         except TypeError as e:

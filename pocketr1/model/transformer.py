@@ -4,6 +4,10 @@ round-trips through `model.safetensors` unchanged.
 
 Attention takes an explicit boolean mask (True = may attend) built by `attention_mask`, so the same
 forward serves training (left-padded GRPO batches) and cached generation (one new token per row).
+
+Under `torch.inference_mode()` the q/k/v and gate/up projections each run as one matmul on a fused copy of
+their weights, cached on the module and rebuilt whenever a weight changes; the parameters themselves (and so
+`state_dict`) keep HF's names and layout.
 """
 
 from __future__ import annotations
@@ -38,6 +42,24 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
     return emb.cos(), emb.sin()
 
 
+def weights_stamp(tensors) -> tuple:
+    """What identifies the current contents of `tensors`: in-place updates (optimizer steps,
+    `load_state_dict`) bump `_version`, `.to()` swaps the storage, `assign=True` loads bring new objects.
+    The tensors themselves ride along so their ids can't be reused while the stamp is kept."""
+    tensors = tuple(tensors)
+    return tuple((id(t), t._version, t.data_ptr(), t.dtype) for t in tensors), tensors
+
+
+def fused_weights(owner: nn.Module, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`linears` stacked into one weight (and bias), cached on `owner` until any of their parameters changes."""
+    stamp = weights_stamp(p for lin in linears for p in (lin.weight, lin.bias) if p is not None)
+    cached = owner.__dict__.get("_fused")
+    if cached is None or cached[0][0] != stamp[0]:
+        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        cached = owner.__dict__["_fused"] = (stamp, torch.cat([lin.weight for lin in linears]), bias)
+    return cached[1], cached[2]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -45,13 +67,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [layers, batch, kv_heads, max_len, head_dim]."""
+    """Keys and values for every layer: [layers, batch, kv_heads, capacity, head_dim].
+
+    The capacity grows in steps of `CHUNK` slots up to `max_len`. Decoding attends over the whole capacity
+    (the empty slots masked), because a full-capacity slice is contiguous: oneDNN's bf16 matmul copies a
+    strided operand on every call, and a cache preallocated at `max_len` would waste work on empty slots.
+    """
+
+    CHUNK = 32
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.max_len = max_len
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, 0, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # positions filled so far (the same for every row: prompts are left-padded)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions (copying the filled part into a larger buffer if needed)."""
+        if length <= self.capacity:
+            return
+        if length > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot hold {length}.")
+        capacity = min(self.max_len, -(-length // self.CHUNK) * self.CHUNK)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], capacity, old.shape[4])
+            new[:, :, :, :self.length] = old[:, :, :, :self.length]
+            setattr(self, name, new)
 
     def expand(self, repeats: int) -> None:
         """Give each row `repeats` copies, for the G samples of a group sharing one prefilled prompt."""
@@ -74,18 +121,29 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
 
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v side by side: [..., (heads + 2 * kv_heads) * head_dim]."""
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        if torch.is_inference_mode_enabled():
+            return F.linear(x, *fused_weights(self, projections))
+        return torch.cat([proj(x) for proj in projections], dim=-1)
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        h, kv = self.n_heads, self.n_kv
+        qkv = self.qkv(x).view(b, t, h + 2 * kv, self.head_dim)
+        # q and k share their positions: rotate both in one go, before splitting heads off.
+        q, k = apply_rope(qkv[:, :, :h + kv], cos, sin).transpose(1, 2).split([h, kv], dim=1)
+        v = qkv[:, :, h + kv:].transpose(1, 2)
         if cache is not None:
             start = cache.length
             cache.k[self.layer, :, :, start:start + t] = k
             cache.v[self.layer, :, :, start:start + t] = v
-            k = cache.k[self.layer, :, :, :start + t]
-            v = cache.v[self.layer, :, :, :start + t]
+            # Keys up to the mask's width: with the whole capacity (what generation passes) the slice is
+            # contiguous; the slots past `start + t` are empty and the mask must hide them.
+            length = start + t if mask is None else mask.shape[-1]
+            k = cache.k[self.layer, :, :, :length]
+            v = cache.v[self.layer, :, :, :length]
         out = decode_attention(q, k, v, mask) if t == 1 else \
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv != self.n_heads)
@@ -100,9 +158,9 @@ def decode_attention(q, k, v, mask):
     """
     b, h, _, d = q.shape
     n_kv, length = k.shape[1], k.shape[2]
-    scores = (q.view(b, n_kv, h // n_kv, d) @ k.transpose(-1, -2)) * d ** -0.5
-    scores = scores.masked_fill(~mask.view(b, 1, 1, length), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    scores = (q.reshape(b, n_kv, h // n_kv, d) @ k.transpose(-1, -2)) * d ** -0.5
+    scores = scores.masked_fill_(~mask.view(b, 1, 1, length), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     return (probs @ v).view(b, h, 1, d)
 
 
@@ -114,7 +172,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if torch.is_inference_mode_enabled():
+            gate, up = F.linear(x, fused_weights(self, [self.gate_proj, self.up_proj])[0]).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -169,8 +231,11 @@ class Transformer(nn.Module):
         """Final-normed hidden states [batch, time, hidden]. `positions` are per row (left padding);
         `mask` None means plain causal attention (right-padded training batches)."""
         x = self.model.embed_tokens(input_ids)
-        cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+        # [batch, time, 1, head_dim]: broadcast over the heads of [batch, time, heads, head_dim].
+        cos = self.rope_cos[positions].unsqueeze(2).to(x.dtype)
+        sin = self.rope_sin[positions].unsqueeze(2).to(x.dtype)
+        if cache is not None:
+            cache.reserve(cache.length + input_ids.shape[1])
         for block in self.model.layers:
             x = block(x, cos, sin, mask, cache)
         if cache is not None:

@@ -1,7 +1,8 @@
 """Arithmetic chains: `Compute 12+7-5+23.`, solved one operation per line.
 
-A chain of several two-digit terms is hard to do in one shot for a small model and easy step by step;
-that gap is what R1-Zero-style RL can discover and amplify.
+A chain of several terms is hard to do in one shot for a small model and easy step by step (each step
+adds or subtracts one digit to a running total); that gap is what R1-Zero-style RL can discover and
+amplify.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pocketr1.tasks.base import Problem, TaskFamily
 
 class Arithmetic(TaskFamily):
     name = "arithmetic"
-    defaults = {"min_terms": 3, "max_terms": 5, "max_value": 50}
+    defaults = {"min_terms": 3, "max_terms": 6, "max_value": 9}
 
     def generate(self, rng: random.Random, difficulty: dict[str, int]) -> Problem:
         n_terms = rng.randint(difficulty["min_terms"], difficulty["max_terms"])

@@ -13,14 +13,15 @@ from pocketr1.tasks import get_family
 from pocketr1.tasks.base import Problem
 
 THINK_END = "</think>"
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 _REFLECTION = re.compile(r"\b(wait|check|verify|hmm|again)\b", re.I)
 
 
 @dataclass(frozen=True, slots=True)
 class Parsed:
     thinking: str  # text before </think> (everything, when </think> never came)
-    answer: str | None  # inside the last <answer></answer> after </think>
+    answer: str | None  # inside the one <answer></answer> after </think> (None when there are several:
+    # a completion listing many answers must not collect the reward for one of them)
     well_formed: bool  # one </think>, then exactly one <answer>…</answer> and nothing else
 
 
@@ -28,11 +29,28 @@ def parse_completion(text: str) -> Parsed:
     if THINK_END not in text:
         return Parsed(text, None, False)
     thinking, _, rest = text.partition(THINK_END)
-    answers = _ANSWER.findall(rest)
-    answer = answers[-1].strip() if answers else None
-    leftover = _ANSWER.sub("", rest).strip()
+    answers, leftover = _split_answers(rest)
+    answer = answers[0].strip() if len(answers) == 1 else None
     well_formed = len(answers) == 1 and not leftover and THINK_END not in rest and "<think>" not in thinking
     return Parsed(thinking, answer, well_formed)
+
+
+def _split_answers(text: str) -> tuple[list[str], str]:
+    """The `<answer>…</answer>` spans (shortest match, left to right) and the text outside them, stripped.
+
+    A linear scan: a regex `<answer>(.*?)</answer>` rescans the rest of the text for every unclosed
+    `<answer>`, which a degenerate completion can make take minutes.
+    """
+    answers, outside, pos = [], [], 0
+    while (start := text.find(ANSWER_OPEN, pos)) >= 0:
+        end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+        if end < 0:
+            break  # no later <answer> can be closed either
+        outside.append(text[pos:start])
+        answers.append(text[start + len(ANSWER_OPEN):end])
+        pos = end + len(ANSWER_CLOSE)
+    outside.append(text[pos:])
+    return answers, "".join(outside).strip()
 
 
 def accuracy_reward(problem: Problem, completion: str) -> float:

@@ -37,6 +37,28 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 matmuls pay on CUDA and on CPUs with AVX512-BF16 or AMX (about 2-4x fp32 here)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and _cpu_has("avx512_bf16")
+    return False
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def autocast(device: torch.device, dtype: str):
+    """Mixed precision for a training forward: weights and optimiser stay fp32, matmuls run in bf16."""
+    enabled = dtype == "bfloat16" or (dtype == "auto" and bf16_is_fast(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with decay on matrices only (not norms, biases)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

@@ -22,7 +22,7 @@ from pocketr1.tasks import get_family
 from pocketr1.tasks.base import Problem
 from pocketr1.tasks.rewards import accuracy_reward, format_reward, reflection_count
 from pocketr1.tokenizer import ChatTokenizer
-from pocketr1.train.common import Metrics, load_checkpoint, make_optimizer, save_checkpoint
+from pocketr1.train.common import Metrics, autocast, load_checkpoint, make_optimizer, save_checkpoint
 from pocketr1.train.grpo_loss import VARIANTS, grpo_loss, group_advantages
 
 
@@ -133,12 +133,13 @@ def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, d
         policy.train()
         parts = None
         if len(keep):
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, cfg.dtype):
                 old = completion_logprobs(policy, batch, keep) if gc.minibatches > 1 else None
                 ref = completion_logprobs(reference, batch, keep) if reference is not None else None
             for chunk in torch.arange(len(keep)).chunk(gc.minibatches):
                 rows = keep[chunk]
-                logp = completion_logprobs(policy, batch, rows)
+                with autocast(device, cfg.dtype):
+                    logp = completion_logprobs(policy, batch, rows)
                 parts = grpo_loss(logp, logp.detach() if old is None else old[chunk],
                                   None if ref is None else ref[chunk], advantages[rows], batch.mask[rows],
                                   gc.variant, gc.eps_low, gc.eps_high, gc.beta, gc.max_new_tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,7 +13,8 @@ from tqdm import tqdm
 from pocketr1.config import RunConfig
 from pocketr1.tasks.corpus import Document
 from pocketr1.tokenizer import ChatTokenizer
-from pocketr1.train.common import (Metrics, load_checkpoint, lr_at, make_optimizer, new_model, save_checkpoint)
+from pocketr1.train.common import (Metrics, autocast, load_checkpoint, lr_at, make_optimizer, new_model,
+                                   save_checkpoint)
 
 
 def encode_corpus(docs: list[Document], tok: ChatTokenizer) -> list[tuple[list[int], int]]:
@@ -23,29 +25,53 @@ def encode_corpus(docs: list[Document], tok: ChatTokenizer) -> list[tuple[list[i
     return [(p.ids + c.ids + [tok.eos_id], len(p.ids)) for p, c in zip(prompts, completions)]
 
 
-def make_batch(encoded: list[tuple[list[int], int]], rows: list[int], pad_id: int, loss_on_prompt: bool,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded inputs, next-token targets and a 0/1 loss mask."""
-    length = max(len(encoded[i][0]) for i in rows) - 1
-    inputs = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    weights = torch.zeros((len(rows), length))
-    for r, i in enumerate(rows):
-        ids, prompt_len = encoded[i]
-        n = len(ids) - 1
-        inputs[r, :n] = torch.tensor(ids[:-1])
-        targets[r, :n] = torch.tensor(ids[1:])
+@dataclass(slots=True)
+class Batch:
+    inputs: torch.Tensor  # [rows, seq_len]
+    targets: torch.Tensor  # next tokens
+    weights: torch.Tensor  # 1 where the loss counts
+    positions: torch.Tensor  # restart at 0 for every document
+    mask: torch.Tensor  # [rows, 1, seq_len, seq_len]: causal within a document, blind across documents
+
+
+def pack_batch(encoded: list[tuple[list[int], int]], gen: torch.Generator, rows: int, seq_len: int, pad_id: int,
+               loss_on_prompt: bool, device: torch.device) -> Batch:
+    """Random documents packed end to end into `rows` rows of `seq_len` tokens: no compute spent on padding.
+
+    Each document keeps its own positions and sees only itself, so packing changes nothing the model can
+    learn; it only stops short documents from paying for the longest one in the batch.
+    """
+    inputs = torch.full((rows, seq_len), pad_id, dtype=torch.long)
+    targets = torch.full((rows, seq_len), pad_id, dtype=torch.long)
+    weights = torch.zeros((rows, seq_len))
+    positions = torch.zeros((rows, seq_len), dtype=torch.long)
+    doc = torch.full((rows, seq_len), -1, dtype=torch.long)
+    row, col, n_doc = 0, 0, 0
+    while row < rows:
+        ids, prompt_len = encoded[int(torch.randint(len(encoded), (1,), generator=gen))]
+        n = min(len(ids) - 1, seq_len)
+        if col + n > seq_len:  # this row is full: close it
+            row, col = row + 1, 0
+            continue
+        inputs[row, col:col + n] = torch.tensor(ids[:n])
+        targets[row, col:col + n] = torch.tensor(ids[1:n + 1])
         first = 0 if loss_on_prompt else prompt_len - 1  # target index of the first completion token
-        weights[r, first:n] = 1.0
-    return inputs.to(device), targets.to(device), weights.to(device)
+        weights[row, col + first:col + n] = 1.0
+        positions[row, col:col + n] = torch.arange(n)
+        doc[row, col:col + n] = n_doc
+        col, n_doc = col + n, n_doc + 1
+    idx = torch.arange(seq_len)
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    mask = (same_doc & (idx[None, :] <= idx[:, None])) | torch.eye(seq_len, dtype=torch.bool)
+    return Batch(inputs.to(device), targets.to(device), weights.to(device), positions.to(device),
+                 mask[:, None].to(device))
 
 
-def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the tokens that `weights` selects."""
-    positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
-    logits = model(inputs, positions, None)
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    return (losses * weights.flatten()).sum() / weights.sum().clamp(min=1)
+def token_loss(model, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over the tokens that `batch.weights` selects."""
+    logits = model(batch.inputs, batch.positions, batch.mask)
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), reduction="none")
+    return (losses * batch.weights.flatten()).sum() / batch.weights.sum().clamp(min=1)
 
 
 def pretrain(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, docs: list[Document], device: torch.device,
@@ -69,17 +95,17 @@ def pretrain(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, docs: list[Docum
     tokens, t0 = 0, time.perf_counter()
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # the same batches after a resume
-        rows = torch.randint(len(encoded), (pc.batch_size,), generator=gen).tolist()
-        inputs, targets, weights = make_batch(encoded, rows, tok.pad_id, pc.loss_on_prompt, device)
+        batch = pack_batch(encoded, gen, pc.rows, pc.seq_len, tok.pad_id, pc.loss_on_prompt, device)
         lr = lr_at(step, pc.steps, pc.lr, pc.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = token_loss(model, inputs, targets, weights)
+        with autocast(device, cfg.dtype):
+            loss = token_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        tokens += inputs.numel()
+        tokens += batch.inputs.numel()
         if (step + 1) % pc.log_every == 0 or step + 1 == pc.steps:
             rate = tokens / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
