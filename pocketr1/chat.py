@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TextIO
 
 from pocketr1.errors import UserError
+from pocketr1.thinking import THINK_END, ThinkSplit
 
-THINK_END = "</think>"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 HELP = "/reset starts over, /exit or Ctrl-D quits"
 
@@ -45,46 +45,36 @@ def resolve_model_dir(path: Path) -> Path:
 
 
 class ReplyPrinter:
-    """Writes streamed text, splitting thinking from answer at `</think>`.
+    """Writes streamed text, splitting thinking from answer at `</think>` (see `pocketr1.thinking`).
 
     On a terminal the thinking is dimmed and the tag hidden; elsewhere the tag is kept so the boundary
-    stays visible in a log or a pipe. The tag may arrive split across pieces, so a tail that could still
-    become `</think>` is held back until the next piece decides it.
+    stays visible in a log or a pipe.
     """
 
     def __init__(self, out: TextIO, style: bool, thinking: bool = True):
-        self.out, self.style, self.thinking = out, style, thinking
-        self.pending = ""
-        self.saw_answer, self.trim, self.line_start = not thinking, False, True
+        self.out, self.style = out, style
+        self.split = ThinkSplit(trim=style) if thinking else None  # a styled answer starts on its own line
+        self.saw_answer, self.line_start = not thinking, True
         if thinking and style:
             out.write(DIM)
 
     def write(self, piece: str) -> None:
-        if not self.saw_answer:
-            self.pending += piece
-            if THINK_END not in self.pending:
-                keep = next((n for n in range(min(len(THINK_END) - 1, len(self.pending)), 0, -1)
-                             if THINK_END.startswith(self.pending[-n:])), 0)
-                cut = len(self.pending) - keep
-                self._emit(self.pending[:cut])
-                self.pending = self.pending[cut:]
-                return
-            thought, _, piece = self.pending.partition(THINK_END)
-            self.pending, self.saw_answer = "", True
-            self._emit(thought)
+        if self.split is None:
+            self._emit(piece)
+            return
+        thought, answer = self.split.push(piece)
+        self._emit(thought)
+        if self.split.answering and not self.saw_answer:
+            self.saw_answer = True
             if self.style:  # the answer goes on a fresh line, in plain text
                 self.out.write(RESET + ("" if self.line_start else "\n"))
             else:
                 self._emit(THINK_END)
-            self.trim = self.style  # the answer starts on its own line already
-        if self.trim:
-            piece = piece.lstrip("\n")
-            self.trim = not piece
-        self._emit(piece)
+        self._emit(answer)
 
     def finish(self) -> None:
-        self._emit(self.pending)
-        self.pending = ""
+        if self.split is not None:
+            self._emit(self.split.finish())
         if self.style and not self.saw_answer:
             self.out.write(RESET)
             self.out.flush()

@@ -49,14 +49,14 @@ class GRPOConfig:
     steps: int = 60
     prompts_per_step: int = 16
     group_size: int = 8  # G: samples per prompt
-    lr: float = 2e-4
+    lr: float = 5e-5
     beta: float = 0.001  # weight of the k3 KL to the reference model (0: no reference model)
     eps_low: float = 0.2
     eps_high: float = 0.2  # DAPO's clip-higher sets this above eps_low (0.28)
     ref_reset_every: int = 0  # copy the policy into the reference every N steps (0: never)
     minibatches: int = 1  # optimizer steps per rollout batch (>1 makes the ratio and its clip matter)
     temperature: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 96
     format_weight: float = 0.1  # reward = accuracy + format_weight * format
     eval_every: int = 10  # held-out accuracy during RL, for the curve in the report
     eval_problems: int = 64
@@ -69,7 +69,7 @@ class EvalConfig:
     k: int = 4  # samples per problem for pass@1 and cons@k
     temperature: float = 0.6
     top_p: float = 0.95
-    max_new_tokens: int = 96
+    max_new_tokens: int = 128
     batch_size: int = 256
 
 
@@ -91,7 +91,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Out-of-range evaluation rows for the report: family -> difficulty overrides beyond training's range.
     stretch: dict[str, dict[str, int]] = field(default_factory=lambda: {
-        "arithmetic": {"min_terms": 8, "max_terms": 10}})
+        "arithmetic": {"min_terms": 10, "max_terms": 12}})
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -137,17 +137,22 @@ def _raise_template_error(message: str):
 
 
 class StreamDecoder:
-    """Turns token ids into text as they arrive, holding back bytes of a character not yet complete."""
+    """Turns token ids into text as they arrive, holding back bytes of a character not yet complete.
+
+    Each push decodes only a short window: the ids not yet shown, after the ones shown last time (kept as
+    context, so decoders that treat a leading space specially stay right). A long reply costs linear
+    time, not the quadratic of re-decoding everything per token.
+    """
 
     def __init__(self, tokenizer: ChatTokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix = self.read = 0  # ids[prefix:read]: shown, kept as context; ids[read:]: not shown yet
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        shown = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(shown) or text.endswith("\ufffd"):
             return ""
-        new, self.emitted = text[len(self.emitted):], text
-        return new
-
-
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(shown):]

@@ -3,26 +3,33 @@ contract: seeded reproducibility, stop tokens, top-k and top-p."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 from pocketr1.engine import SamplingParams, generate, sample_next  # noqa: E402
+from pocketr1.engine.generate import BATCH_ROWS  # noqa: E402
 from pocketr1.model import load_model  # noqa: E402
 
 VOCAB = 97
 PAD = 0
-PROMPTS = [[5, 17, 33, 2, 9, 41, 60, 7], [12, 80], [3, 3, 50, 22, 91]]  # different lengths: left padding
+# Different lengths (left padding), and enough rows for the batched path (the model's frozen copy).
+PROMPTS = [[5, 17, 33, 2, 9, 41, 60, 7], [12, 80], [3, 3, 50, 22, 91], [44, 45, 46, 47],
+           [70, 8, 19, 23, 5, 6]]
 NEW = 12
+assert len(PROMPTS) >= BATCH_ROWS
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A tiny random Qwen2 (biases and norms randomized too: HF zero-initialises biases) and our load of it."""
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=PAD)
+    """A tiny random Qwen2 (biases and norms randomized too: HF zero-initialises biases) and our load."""
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1,
+                                   eos_token_id=1, pad_token_id=PAD)
     torch.manual_seed(0)
     hf = transformers.Qwen2ForCausalLM(cfg).float().eval()
     with torch.no_grad():
@@ -46,10 +53,10 @@ def hf_greedy(hf, prompts: list[list[int]], new: int) -> list[list[int]]:
     return out[:, longest:].tolist()
 
 
-def ours(model, prompts=PROMPTS, stop_ids=(), **kw) -> list:
+def ours(model, prompts=PROMPTS, stop_ids=(), dtype=torch.float32, **kw) -> list:
     n = kw.pop("n", 1)
     params = SamplingParams(**({"temperature": 0.0, "max_new_tokens": NEW} | kw))
-    return generate(model, prompts, params, list(stop_ids), n=n, pad_id=PAD, dtype=torch.float32)
+    return generate(model, prompts, params, list(stop_ids), n=n, pad_id=PAD, dtype=dtype)
 
 
 def test_greedy_matches_transformers_on_left_padded_batch(models):
@@ -57,8 +64,29 @@ def test_greedy_matches_transformers_on_left_padded_batch(models):
     got = ours(model)
     assert [c.ids for c in got] == hf_greedy(hf, PROMPTS, NEW)
     assert not any(c.finished for c in got)
-    # Batching must not change a row: each prompt alone gives the same tokens.
+    # One prompt at a time runs on the model itself rather than the batch's frozen copy: same tokens.
     assert [ours(model, [p])[0].ids for p in PROMPTS] == [c.ids for c in got]
+
+
+def test_bf16_follows_float32_greedy(models):
+    _, model = models
+    got = ours(model, dtype=torch.bfloat16)
+    # bf16 rounding may flip a near-tie late in a sequence, not the first decisive tokens.
+    assert [c.ids[:3] for c in got] == [c.ids[:3] for c in ours(model)]
+    assert all(len(c.ids) == NEW for c in got)
+
+
+def test_frozen_copy_follows_weight_updates(models):
+    """A GRPO policy changes in place between rollouts: the engine must not generate from stale weights."""
+    _, base = models
+    model = copy.deepcopy(base)
+    before = [c.ids for c in ours(model)]
+    with torch.no_grad():  # what an optimizer step does: in place, same tensors
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    after = [c.ids for c in ours(model)]
+    assert after != before
+    assert after == [ours(model, [p])[0].ids for p in PROMPTS]  # single rows use the model directly
 
 
 def test_seeded_samples_are_reproducible(models):
@@ -76,7 +104,8 @@ def test_stop_token_ends_sequence_and_is_not_returned(models):
     free = [c.ids for c in ours(model)]
     stop = free[0][3]
     got = ours(model, stop_ids=[stop])
-    for row, c in zip(free, got):
+    assert sum(stop in row for row in free) < len(free), "some rows must outlive row 0 for this test"
+    for row, c in zip(free, got, strict=True):
         # Each row stops at its own first stop token (others keep going after row 0 leaves the batch).
         cut = row.index(stop) if stop in row else len(row)
         assert c.ids == row[:cut]

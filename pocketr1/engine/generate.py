@@ -3,10 +3,11 @@
 Prompts are left-padded so every row writes the cache at the same slot; each prompt is prefilled once and
 its cache copied to the `n` samples of its group; finished rows leave the batch so the rest run faster.
 
-`dtype="auto"` generates in bfloat16 from a bf16 copy of a float32 model (cached until its weights change)
-when the CPU multiplies bf16 natively (avx512_bf16 / AMX) and the batch has at least `BF16_MIN_ROWS` rows:
-there its matmuls run 2-3x faster than float32. A single row is faster in float32 (MKL's matrix-vector
-products beat oneDNN's bf16 ones), and other devices and dtypes keep the model's own dtype. Pass a dtype
+On CPU a batch of at least `BATCH_ROWS` rows runs on `model.frozen(dtype)`: fused, prepacked projections,
+and under `dtype="auto"` bfloat16 weights when the CPU multiplies bf16 natively (avx512_bf16 / AMX), where
+its matmuls run 2-3x faster than float32. The copy is kept until the model's weights change (a GRPO policy
+gets a new one per rollout). Smaller batches, and other devices, run on the model itself in its own dtype
+unless another is asked for: for a single row MKL's float32 matrix-vector products beat both. Pass a dtype
 explicitly for outputs that don't depend on the batch size through this choice.
 """
 
@@ -20,7 +21,7 @@ import torch
 
 from pocketr1.engine.sampling import sample_next
 from pocketr1.errors import UserError
-from pocketr1.model.transformer import KVCache, Transformer, attention_mask, positions_for, weights_stamp
+from pocketr1.model.transformer import KVCache, Transformer, attention_mask, positions_for
 
 
 @dataclass(slots=True)
@@ -49,38 +50,39 @@ def native_bf16(device: torch.device) -> bool:
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
-BF16_MIN_ROWS = 4  # measured on a Zen 5 CPU: bf16 linears overtake float32 at 3-4 rows
+BATCH_ROWS = 4  # measured on a Zen 5 CPU: from 3-4 rows bf16 and prepacked matmuls overtake MKL's float32
 
 
 def resolve_dtype(model: Transformer, rows: int, dtype: torch.dtype | str = "auto") -> torch.dtype:
     """The dtype `generate` runs `model` in for a batch of `rows`: `dtype` itself, or what "auto" picks."""
     if dtype != "auto":
         return dtype
-    weight = model.lm_head.weight
-    if weight.dtype == torch.float32 and rows >= BF16_MIN_ROWS and native_bf16(weight.device):
+    weight = model.model.embed_tokens.weight
+    if weight.dtype == torch.float32 and rows >= BATCH_ROWS and native_bf16(weight.device):
         return torch.bfloat16
     return weight.dtype
 
 
-_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weights stamp, copy in a dtype)
+_frozen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weights stamp, frozen copy)
 
 
-def in_dtype(model: Transformer, dtype: torch.dtype) -> Transformer:
-    """`model` with its weights in `dtype`: itself, or a copy that is kept until the model's weights change
-    (a GRPO policy gets a fresh copy per rollout; converting is cheap next to generating)."""
-    if model.lm_head.weight.dtype == dtype:
+def weights_stamp(model: Transformer) -> tuple:
+    """Changes whenever a weight does: in-place updates (optimizer steps, `load_state_dict`) bump `_version`,
+    `.to()` swaps the storage, `assign=True` loads bring new tensors (kept here so ids can't be reused)."""
+    params = tuple(model.parameters())
+    return tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in params), params
+
+
+def runner(model: Transformer, rows: int, dtype: torch.dtype | str = "auto") -> Transformer:
+    """What generates a batch of `rows` for `model`: itself, or its frozen copy (see the module docstring)."""
+    dtype = resolve_dtype(model, rows, dtype)
+    weight = model.model.embed_tokens.weight
+    if dtype == weight.dtype and (rows < BATCH_ROWS or weight.device.type != "cpu"):
         return model
-    stamp = weights_stamp(model.parameters())
-    cached = _copies.get(model)
-    if cached is None or cached[0][0] != stamp[0] or cached[1].lm_head.weight.dtype != dtype:
-        with torch.inference_mode(False), torch.no_grad(), torch.device("meta"):
-            twin = Transformer(model.config)
-        with torch.inference_mode(False), torch.no_grad():
-            twin.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()}, assign=True)
-        if model.config.tie_word_embeddings:
-            twin.lm_head.weight = twin.model.embed_tokens.weight
-        twin.rope_cos, twin.rope_sin = model.rope_cos, model.rope_sin  # float32, like HF's
-        cached = _copies[model] = (stamp, twin.eval().requires_grad_(False))
+    stamp = weights_stamp(model)
+    cached = _frozen.get(model)
+    if cached is None or cached[0][0] != stamp[0] or cached[1].model.embed_tokens.weight.dtype != dtype:
+        cached = _frozen[model] = (stamp, model.frozen(dtype))
     return cached[1]
 
 
@@ -93,8 +95,9 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     float32 greedy outputs."""
     if not prompts:
         return []
-    model = in_dtype(model, resolve_dtype(model, len(prompts) * n, dtype))
-    device = model.lm_head.weight.device
+    model = runner(model, len(prompts) * n, dtype)
+    weight = model.model.embed_tokens.weight  # (a frozen copy's projections have no plain weights)
+    device = weight.device
     longest = max(len(p) for p in prompts)
     max_new = min(params.max_new_tokens, model.config.max_position_embeddings - longest)
     if max_new <= 0 or any(len(p) == 0 for p in prompts):
@@ -106,9 +109,9 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
 
     pad_left = torch.tensor([longest - len(p) for p in prompts], device=device)
     ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
-    cache = KVCache(model.config, len(prompts), longest + max_new, model.lm_head.weight.dtype, device)
-    hidden = model.hidden(ids, positions_for(pad_left, 0, longest), attention_mask(pad_left, longest, longest),
-                          cache)
+    cache = KVCache(model.config, len(prompts), longest + max_new, weight.dtype, device)
+    hidden = model.hidden(ids, positions_for(pad_left, 0, longest),
+                          attention_mask(pad_left, longest, longest), cache)
     logits = model.lm_head(hidden[:, -1])
     if n > 1:
         cache.expand(n)
@@ -123,7 +126,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     for step in range(max_new):
         tokens = sample_next(logits, params.temperature, params.top_p, params.top_k, generator)
         keep = []
-        for row, (seq, tok) in enumerate(zip(rows, tokens.tolist())):
+        for row, (seq, tok) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             if tok in stops:
                 finished[seq] = True
                 continue
@@ -143,4 +146,4 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
         k_idx = torch.arange(cache.capacity, device=device)
         mask = ((k_idx >= pad_left[:, None]) & (k_idx <= slot))[:, None, None]
         logits = model(tokens[:, None], (slot - pad_left)[:, None], mask, cache)[:, -1]
-    return [Completion(out, done) for out, done in zip(outputs, finished)]
+    return [Completion(out, done) for out, done in zip(outputs, finished, strict=True)]

@@ -5,9 +5,8 @@ round-trips through `model.safetensors` unchanged.
 Attention takes an explicit boolean mask (True = may attend) built by `attention_mask`, so the same
 forward serves training (left-padded GRPO batches) and cached generation (one new token per row).
 
-Under `torch.inference_mode()` the q/k/v and gate/up projections each run as one matmul on a fused copy of
-their weights, cached on the module and rebuilt whenever a weight changes; the parameters themselves (and so
-`state_dict`) keep HF's names and layout.
+Batched generation runs on `Transformer.frozen()`, a parameter-free copy whose q/k/v and gate/up projections
+are each fused into one prepacked matmul; the model itself keeps HF's parameters for training and saving.
 """
 
 from __future__ import annotations
@@ -42,28 +41,34 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
     return emb.cos(), emb.sin()
 
 
-def weights_stamp(tensors) -> tuple:
-    """What identifies the current contents of `tensors`: in-place updates (optimizer steps,
-    `load_state_dict`) bump `_version`, `.to()` swaps the storage, `assign=True` loads bring new objects.
-    The tensors themselves ride along so their ids can't be reused while the stamp is kept."""
-    tensors = tuple(tensors)
-    return tuple((id(t), t._version, t.data_ptr(), t.dtype) for t in tensors), tensors
-
-
-def fused_weights(owner: nn.Module, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`linears` stacked into one weight (and bias), cached on `owner` until any of their parameters changes."""
-    stamp = weights_stamp(p for lin in linears for p in (lin.weight, lin.bias) if p is not None)
-    cached = owner.__dict__.get("_fused")
-    if cached is None or cached[0][0] != stamp[0]:
-        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
-        cached = owner.__dict__["_fused"] = (stamp, torch.cat([lin.weight for lin in linears]), bias)
-    return cached[1], cached[2]
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+class PackedLinear(nn.Module):
+    """A frozen linear layer for generation, its weight prepacked for oneDNN on CPU. Unpacked, oneDNN
+    re-lays the weight out on every bf16 call, and float32 `F.linear` goes to MKL, which runs at a fraction
+    of AVX-512 speed on AMD CPUs: packed is 10-30% faster in bf16 and about 2x in float32 from 4 rows up."""
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor] | None = None):
+        super().__init__()
+        self.weight = torch.cat(weights)  # several layers stacked: one matmul for all of them
+        self.bias = torch.cat(biases) if biases else None
+        self.packed = None
+        if self.weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            try:  # private ops (what Inductor's CPU freezing uses): fall back to F.linear if they fail
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+                self(self.weight.new_zeros(1, self.weight.shape[1]))  # e.g. bf16 on a CPU oneDNN can't run it
+                self.weight = None
+            except (AttributeError, RuntimeError):
+                self.packed = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 class KVCache:
@@ -121,17 +126,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
 
-    def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """q, k and v side by side: [..., (heads + 2 * kv_heads) * head_dim]."""
-        projections = [self.q_proj, self.k_proj, self.v_proj]
-        if torch.is_inference_mode_enabled():
-            return F.linear(x, *fused_weights(self, projections))
-        return torch.cat([proj(x) for proj in projections], dim=-1)
-
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         b, t, _ = x.shape
         h, kv = self.n_heads, self.n_kv
-        qkv = self.qkv(x).view(b, t, h + 2 * kv, self.head_dim)
+        if hasattr(self, "qkv_proj"):  # a frozen copy: one fused matmul
+            qkv = self.qkv_proj(x)
+        else:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = qkv.view(b, t, h + 2 * kv, self.head_dim)
         # q and k share their positions: rotate both in one go, before splitting heads off.
         q, k = apply_rope(qkv[:, :, :h + kv], cos, sin).transpose(1, 2).split([h, kv], dim=1)
         v = qkv[:, :, h + kv:].transpose(1, 2)
@@ -172,8 +174,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        if torch.is_inference_mode_enabled():
-            gate, up = F.linear(x, fused_weights(self, [self.gate_proj, self.up_proj])[0]).chunk(2, dim=-1)
+        if hasattr(self, "gate_up_proj"):  # a frozen copy: one fused matmul
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -226,6 +228,27 @@ class Transformer(nn.Module):
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
+    @torch.no_grad()
+    def frozen(self, dtype: torch.dtype) -> Transformer:
+        """A copy for generation only, with weights in `dtype`: every projection a `PackedLinear`, q/k/v and
+        gate/up each fused into one. It shares nothing with `self`, so training `self` leaves it stale."""
+        with torch.device("meta"):
+            twin = Transformer(self.config)
+        twin.load_state_dict({k: v.to(dtype, copy=True) for k, v in self.state_dict().items()}, assign=True)
+        for block in twin.model.layers:
+            a, m = block.self_attn, block.mlp
+            q, k, v = a.q_proj, a.k_proj, a.v_proj
+            biases = None if q.bias is None else [q.bias, k.bias, v.bias]
+            a.qkv_proj = PackedLinear([q.weight, k.weight, v.weight], biases)
+            a.o_proj = PackedLinear([a.o_proj.weight])
+            m.gate_up_proj = PackedLinear([m.gate_proj.weight, m.up_proj.weight])
+            m.down_proj = PackedLinear([m.down_proj.weight])
+            del a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj
+        head = twin.model.embed_tokens if self.config.tie_word_embeddings else twin.lm_head
+        twin.lm_head = PackedLinear([head.weight])
+        twin.rope_cos, twin.rope_sin = self.rope_cos, self.rope_sin  # float32, as HF keeps them
+        return twin.eval().requires_grad_(False)
+
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                cache: KVCache | None = None) -> torch.Tensor:
         """Final-normed hidden states [batch, time, hidden]. `positions` are per row (left padding);
@@ -262,6 +285,7 @@ def attention_mask(pad_left: torch.Tensor, q_len: int, k_len: int) -> torch.Tens
 
 
 def positions_for(pad_left: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    """Position ids [batch, length] for slots start..start+length, counting from each row's first real token."""
+    """Position ids [batch, length] for slots start..start+length, counted from each row's first real
+    token."""
     slots = torch.arange(start, start + length, device=pad_left.device)
     return (slots[None, :] - pad_left[:, None]).clamp(min=0)

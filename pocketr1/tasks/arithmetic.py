@@ -14,7 +14,7 @@ from pocketr1.tasks.base import Problem, TaskFamily
 
 class Arithmetic(TaskFamily):
     name = "arithmetic"
-    defaults = {"min_terms": 3, "max_terms": 6, "max_value": 9}
+    defaults = {"min_terms": 5, "max_terms": 8, "max_value": 9}
 
     def generate(self, rng: random.Random, difficulty: dict[str, int]) -> Problem:
         n_terms = rng.randint(difficulty["min_terms"], difficulty["max_terms"])

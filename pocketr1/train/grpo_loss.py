@@ -59,6 +59,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         loss = per_token.sum() / mask.sum().clamp(min=1)
     else:
         raise ValueError(f"unknown GRPO variant {variant!r}")
-    n_tokens = mask.sum().clamp(min=1)
-    clip_active = (clipped < unclipped).float() * mask  # the min took the clipped term: no gradient there
-    return LossParts(loss, float((kl * mask).sum() / n_tokens), float(clip_active.sum() / n_tokens))
+    with torch.no_grad():  # diagnostics only
+        n_tokens = mask.sum().clamp(min=1)
+        clip_active = (clipped < unclipped).float() * mask  # the min took the clipped term: no gradient there
+        return LossParts(loss, float((kl * mask).sum() / n_tokens), float(clip_active.sum() / n_tokens))
