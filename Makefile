@@ -17,7 +17,7 @@ run: setup
 	$(VENV)/bin/pocketr1 run
 
 test: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check pocketr1 tests bench

@@ -71,6 +71,12 @@ def cmd_ask(args) -> None:
     ask(args)
 
 
+def cmd_serve(args) -> None:
+    from pocketr1.serve.main import serve_command
+
+    serve_command(args)
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -104,11 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="a run folder or a model folder")
     p.add_argument("--task", action="append", help="task family (repeatable; default: all of the run's)")
     p.add_argument("--difficulty", default="", help="knobs as key=value,... e.g. min_terms=6,max_terms=8")
-    p.add_argument("--k", type=int, default=4, help="samples per problem")
-    p.add_argument("--problems", type=int, default=200, help="held-out problems per task")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-tokens", type=int, default=96)
+    ec = config_mod.EvalConfig()  # the same defaults as a run's own evaluation
+    p.add_argument("--k", type=int, default=ec.k, help=f"samples per problem (default {ec.k})")
+    p.add_argument("--problems", type=int, default=ec.problems, help=f"held-out problems per task (default "
+                                                                      f"{ec.problems})")
+    p.add_argument("--temperature", type=float, default=ec.temperature)
+    p.add_argument("--top-p", type=float, default=ec.top_p)
+    p.add_argument("--max-tokens", type=int, default=ec.max_new_tokens)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_eval)
@@ -127,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "completion")
     p.add_argument("--stats", action="store_true", help="show first-token and per-token latency (on stderr)")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("serve", help="OpenAI/DeepSeek-compatible API and a web chat page, for many users at once")
+    p.add_argument("path", type=Path, help="a run folder (uses its RL model) or a model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL is printed)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health and the page")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences generated together")
+    p.add_argument("--queue", type=int, default=256, help="requests that may wait for a free row (then 429)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="float32 (default): a seeded reply is the same alone or in any batch")
+    p.add_argument("--keepalive", type=float, default=10.0, help="seconds between SSE keep-alive comments")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

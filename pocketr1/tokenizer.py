@@ -156,3 +156,10 @@ class StreamDecoder:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(shown):]
+
+    def flush(self) -> str:
+        """What is still held back at the end (an incomplete character shows as U+FFFD, as `decode` gives)."""
+        shown = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(shown):]

@@ -137,21 +137,26 @@ def test_existing_run_folder_is_not_overwritten(tiny_run, tmp_path):
 # --- kill and resume ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_gaps_or_duplicates(tmp_path):
-    folder = tmp_path / "run"
-    steps = 80
-    proc = subprocess.Popen([*CLI, "run", "--preset", "tiny", "--out", str(folder), "--device", "cpu",
-                             f"pretrain.steps={steps}", "pretrain.checkpoint_every=20", *QUICK_TAIL],
-                            cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    checkpoint = folder / "pretrain" / "checkpoint" / "progress.json"
+def kill_once_checkpointed(cmd: list, cwd: Path, checkpoint: Path) -> None:
+    """Start `cmd`, SIGKILL it as soon as `checkpoint` exists, and check it was still running then."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     still_running = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     stderr = proc.communicate(timeout=30)[1].decode(errors="replace")
-    assert checkpoint.exists() or (folder / "pretrain" / "checkpoint.old").exists(), stderr[-2000:]
-    assert still_running, "the run ended before it could be killed mid-pretrain"
+    assert checkpoint.exists() or checkpoint.parent.with_name("checkpoint.old").exists(), stderr[-2000:]
+    assert still_running, "the run ended before it could be killed mid-stage"
+
+
+@pytest.mark.slow
+def test_run_killed_in_pretrain_resumes_without_gaps_or_duplicates(tmp_path):
+    folder = tmp_path / "run"
+    steps = 80
+    kill_once_checkpointed([*CLI, "run", "--preset", "tiny", "--out", str(folder), "--device", "cpu",
+                            f"pretrain.steps={steps}", "pretrain.checkpoint_every=20", *QUICK_TAIL],
+                           tmp_path, folder / "pretrain" / "checkpoint" / "progress.json")
     state = json.loads((folder / "state.json").read_text())
     assert "pretrain" not in state["done"]
     # Metrics up to the first checkpoint (step 20) were written before the kill; a true resume keeps them.
@@ -167,6 +172,23 @@ def test_killed_run_resumes_without_gaps_or_duplicates(tmp_path):
     assert [r["step"] for r in rows] == expected_log_steps(steps, log_every)
     assert [r for r in rows if r["step"] <= 20] == before_kill  # not redone from step 0
     assert_loads_both_ways(folder / "base")
+
+
+@pytest.mark.slow
+def test_run_killed_in_grpo_resumes_without_gaps_or_duplicates(tmp_path):
+    folder = tmp_path / "run"
+    steps = 12
+    kill_once_checkpointed([*CLI, "run", "--preset", "tiny", "--out", str(folder), "--device", "cpu",
+                            f"grpo.steps={steps}", "grpo.checkpoint_every=3", "grpo.eval_every=2",
+                            "eval.problems=4", "eval.k=1"],
+                           tmp_path, folder / "grpo" / "checkpoint" / "progress.json")
+    assert "grpo" not in json.loads((folder / "state.json").read_text())["done"]
+
+    done = run_cli("run", "--resume", "--out", folder, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in metrics(folder, "grpo")] == list(range(1, steps + 1))
+    assert [r["step"] for r in metrics(folder, "grpo_eval")] == list(range(0, steps + 1, 2))
+    assert_loads_both_ways(folder / "rl")
 
 
 # --- CLI errors ---------------------------------------------------------------------------------------------

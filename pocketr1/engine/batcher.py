@@ -230,7 +230,7 @@ class Batcher:
         hits = [i for i in (text.find(stop) for stop in stops) if i >= 0]
         if hits:
             s.pending = text[:min(hits)]
-            return self._finish(s, "stop")
+            return self._finish(s, "stop", flush=False)
         keep = max((partial_tail(text, stop) for stop in stops), default=0)
         s.pending = text[len(text) - keep:]
         if len(text) > keep:
@@ -240,9 +240,10 @@ class Batcher:
             return self._finish(s, "length")
         return True
 
-    def _finish(self, s: Seq, reason: str) -> bool:
-        if s.pending:
-            s.ticket.sink(("text", s.choice, s.pending))
+    def _finish(self, s: Seq, reason: str, flush: bool = True) -> bool:
+        text = s.pending + (s.decoder.flush() if flush else "")  # not past a stop string
+        if text:
+            s.ticket.sink(("text", s.choice, text))
         s.ticket.sink(("done", s.choice, reason, s.count))
         s.ticket.live -= 1
         return False

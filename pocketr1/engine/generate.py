@@ -122,7 +122,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     outputs: list[list[int]] = [[] for _ in range(total)]
     finished = [False] * total
     rows = list(range(total))  # which sequence each batch row holds
-    stops = set(stop_ids)
+    stops = set(stop_ids or ())
     for step in range(max_new):
         tokens = sample_next(logits, params.temperature, params.top_p, params.top_k, generator)
         keep = []

@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from pocketr1.config import RunConfig
 from pocketr1.engine import SamplingParams, generate
-from pocketr1.evaluate import evaluate_family
 from pocketr1.errors import UserError
+from pocketr1.evaluate import evaluate_family
 from pocketr1.model import Transformer
 from pocketr1.model.transformer import attention_mask, positions_for
 from pocketr1.tasks import get_family
@@ -23,7 +23,7 @@ from pocketr1.tasks.base import Problem
 from pocketr1.tasks.rewards import accuracy_reward, format_reward, reflection_count
 from pocketr1.tokenizer import ChatTokenizer
 from pocketr1.train.common import Metrics, autocast, load_checkpoint, make_optimizer, save_checkpoint
-from pocketr1.train.grpo_loss import VARIANTS, grpo_loss, group_advantages
+from pocketr1.train.grpo_loss import VARIANTS, group_advantages, grpo_loss
 
 
 @dataclass(slots=True)
@@ -113,6 +113,7 @@ def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, d
         if gc.ref_reset_every and start >= gc.ref_reset_every:
             reference.load_state_dict(policy.state_dict())  # approximate: the policy at the latest checkpoint
     metrics.truncate("grpo", start)
+    metrics.truncate("grpo_eval", start)
     families = cfg.data.families
     if start == 0:
         _log_heldout(policy, tok, cfg, metrics, 0)

@@ -13,8 +13,15 @@ from tqdm import tqdm
 from pocketr1.config import RunConfig
 from pocketr1.tasks.corpus import Document
 from pocketr1.tokenizer import ChatTokenizer
-from pocketr1.train.common import (Metrics, autocast, load_checkpoint, lr_at, make_optimizer, new_model,
-                                   save_checkpoint)
+from pocketr1.train.common import (
+    Metrics,
+    autocast,
+    load_checkpoint,
+    lr_at,
+    make_optimizer,
+    new_model,
+    save_checkpoint,
+)
 
 
 def encode_corpus(docs: list[Document], tok: ChatTokenizer) -> list[tuple[list[int], int]]:
