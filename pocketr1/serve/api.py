@@ -163,14 +163,18 @@ def create_app(engine: Batcher, tok: ChatTokenizer, model_id: str, api_key: str 
             return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(cancel_all),
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
+            next_check = loop.time() + DISCONNECT_POLL_S
             while live:
-                try:
-                    offset, event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
+                if loop.time() >= next_check:  # on a clock: events may arrive faster than any timeout
                     if await request.is_disconnected():
                         return Response(status_code=499)  # nobody reads it; the rows are freed below
+                    next_check = loop.time() + DISCONNECT_POLL_S
+                try:
+                    apply(*await asyncio.wait_for(events.get(), DISCONNECT_POLL_S))
+                except asyncio.TimeoutError:
                     continue
-                apply(offset, event)
+                while live and not events.empty():
+                    apply(*events.get_nowait())
         finally:
             cancel_all()
         return JSONResponse(reply.whole())

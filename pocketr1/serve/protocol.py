@@ -83,7 +83,7 @@ def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
     for i, m in enumerate(req.messages):
         if "reasoning_content" in m.model_fields_set:  # DeepSeek's rule: the thinking is not sent back
             raise APIError(400, "reasoning_content must not be sent back in input messages; send only the "
-                                "content of earlier assistant turns.", param=f"messages[{i}].reasoning_content")
+                                "content of earlier assistant turns.", param=f"messages.{i}.reasoning_content")
         text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
         out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     return out

@@ -115,8 +115,10 @@ def _beyond(line: str, stage: str, step: int) -> bool:
     return row.get("stage") == stage and row.get("step", 0) > step
 
 
-def save_checkpoint(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, progress: dict) -> None:
-    """Model, optimiser state and `progress` (step, RNG, anything JSON) as one atomically swapped folder."""
+def save_checkpoint(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, progress: dict,
+                    extra: dict[str, Transformer] | None = None) -> None:
+    """Model, optimiser state and `progress` (step, RNG, anything JSON) as one atomically swapped folder.
+    `extra` models (e.g. GRPO's reference) are saved beside it as `<name>.safetensors`."""
     flat, layout = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state": {}}
     for idx, state in optimizer.state_dict()["state"].items():
         layout["state"][str(idx)] = sorted(state)
@@ -131,6 +133,8 @@ def save_checkpoint(folder: Path, model: Transformer, optimizer: torch.optim.Opt
         save_file(flat, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / "progress.json").write_text(json.dumps({**progress, "optimizer": layout}, indent=2))
+        for name, other in (extra or {}).items():
+            save_file(state_for_saving(other), str(tmp / f"{name}.safetensors"))
 
     write_dir(folder, fill)
 
@@ -152,7 +156,16 @@ def load_checkpoint(folder: Path, optimizer_factory, device: torch.device
         raise UserError(f"checkpoint {folder} is damaged ({e}); delete it to restart that stage.") from None
     state = {int(idx): {k: flat[f"{idx}.{k}"] for k in keys} for idx, keys in layout["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
-    return model, optimizer, progress
+    return model, optimizer, progress | {"folder": str(folder)}
+
+
+def load_extra(folder: str | Path, name: str, into: Transformer) -> None:
+    """Weights saved by `save_checkpoint(extra={name: ...})`, loaded into `into`."""
+    path = Path(folder) / f"{name}.safetensors"
+    try:
+        into.load_state_dict(load_file(str(path), device=str(into.lm_head.weight.device)), strict=False)
+    except Exception as e:  # missing or damaged file
+        raise UserError(f"checkpoint {folder} has no usable {name} weights ({e}).") from None
 
 
 def new_model(cfg: ModelConfig, seed: int, device: torch.device) -> Transformer:

@@ -22,8 +22,8 @@ from pocketr1.tasks import get_family
 from pocketr1.tasks.base import Problem
 from pocketr1.tasks.rewards import accuracy_reward, format_reward, reflection_count
 from pocketr1.tokenizer import ChatTokenizer
-from pocketr1.train.common import Metrics, autocast, load_checkpoint, make_optimizer, save_checkpoint
-from pocketr1.train.grpo_loss import VARIANTS, group_advantages, grpo_loss
+from pocketr1.train.common import Metrics, autocast, load_checkpoint, load_extra, make_optimizer, save_checkpoint
+from pocketr1.train.grpo_loss import VARIANTS, LossParts, group_advantages, grpo_loss
 
 
 @dataclass(slots=True)
@@ -93,8 +93,40 @@ def completion_logprobs(model: Transformer, batch: Rollout, rows: torch.Tensor) 
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
+def update(policy: Transformer, reference: Transformer | None, optimizer: torch.optim.Optimizer, batch: Rollout,
+           cfg: RunConfig) -> LossParts | None:
+    """One rollout's optimiser steps (`grpo.minibatches` of them); None when no group was informative."""
+    gc, device = cfg.grpo, batch.ids.device
+    advantages = group_advantages(batch.rewards, gc.group_size, gc.variant)
+    keep = torch.arange(len(advantages), device=device)
+    if gc.variant == "dapo":  # dynamic sampling: groups whose rewards are all equal teach nothing
+        informative = batch.rewards.view(-1, gc.group_size).std(dim=1) > 0
+        keep = keep[informative.repeat_interleave(gc.group_size)]
+    if not len(keep):
+        return None
+    policy.train()
+    with torch.no_grad(), autocast(device, cfg.dtype):
+        # With one minibatch the policy has not moved since sampling, so π_old is π_θ detached (ratio 1).
+        old = completion_logprobs(policy, batch, keep) if gc.minibatches > 1 else None
+        ref = completion_logprobs(reference, batch, keep) if reference is not None else None
+    parts = None
+    for chunk in torch.arange(len(keep), device=device).chunk(gc.minibatches):
+        rows = keep[chunk]
+        with autocast(device, cfg.dtype):
+            logp = completion_logprobs(policy, batch, rows)
+        parts = grpo_loss(logp, logp.detach() if old is None else old[chunk], None if ref is None else ref[chunk],
+                          advantages[rows], batch.mask[rows], gc.variant, gc.eps_low, gc.eps_high, gc.beta,
+                          gc.max_new_tokens)
+        optimizer.zero_grad(set_to_none=True)
+        parts.loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+    return parts
+
+
 def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, device: torch.device,
          metrics: Metrics) -> Transformer:
+    """GRPO from `base` for `grpo.steps` steps, resuming from the stage checkpoint if there is one."""
     gc = cfg.grpo
     if gc.variant not in VARIANTS:
         raise UserError(f"grpo.variant must be one of {', '.join(VARIANTS)}, not '{gc.variant}'.")
@@ -107,14 +139,11 @@ def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, d
     else:
         policy = copy.deepcopy(base).float().train()
         optimizer, start = factory(policy), 0
-    reference = None
-    if gc.beta > 0:
-        reference = copy.deepcopy(base).eval().requires_grad_(False)
-        if gc.ref_reset_every and start >= gc.ref_reset_every:
-            reference.load_state_dict(policy.state_dict())  # approximate: the policy at the latest checkpoint
+    reference = copy.deepcopy(base).eval().requires_grad_(False) if gc.beta > 0 else None
+    if reference is not None and gc.ref_reset_every and start >= gc.ref_reset_every:
+        load_extra(progress["folder"], "reference", reference)  # the policy as of the last reset
     metrics.truncate("grpo", start)
     metrics.truncate("grpo_eval", start)
-    families = cfg.data.families
     if start == 0:
         _log_heldout(policy, tok, cfg, metrics, 0)
     bar = tqdm(range(start, gc.steps), initial=start, total=gc.steps, desc="grpo", unit="step", dynamic_ncols=True)
@@ -122,32 +151,11 @@ def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, d
         t0 = time.perf_counter()
         if reference is not None and gc.ref_reset_every and step > 0 and step % gc.ref_reset_every == 0:
             reference.load_state_dict(policy.state_dict())
-        problems = draw_problems(families, cfg.data.difficulty, gc.prompts_per_step, cfg.seed * 7919 + step)
+        problems = draw_problems(cfg.data.families, cfg.data.difficulty, gc.prompts_per_step, cfg.seed * 7919 + step)
         policy.eval()
         batch = rollout(policy, tok, problems, cfg, seed=cfg.seed * 104_729 + step)
         t_roll = time.perf_counter() - t0
-        advantages = group_advantages(batch.rewards, gc.group_size, gc.variant)
-        keep = torch.arange(len(advantages), device=advantages.device)
-        if gc.variant == "dapo":  # dynamic sampling: groups whose rewards are all equal teach nothing
-            informative = batch.rewards.view(-1, gc.group_size).std(dim=1) > 0
-            keep = keep[informative.repeat_interleave(gc.group_size)]
-        policy.train()
-        parts = None
-        if len(keep):
-            with torch.no_grad(), autocast(device, cfg.dtype):
-                old = completion_logprobs(policy, batch, keep) if gc.minibatches > 1 else None
-                ref = completion_logprobs(reference, batch, keep) if reference is not None else None
-            for chunk in torch.arange(len(keep)).chunk(gc.minibatches):
-                rows = keep[chunk]
-                with autocast(device, cfg.dtype):
-                    logp = completion_logprobs(policy, batch, rows)
-                parts = grpo_loss(logp, logp.detach() if old is None else old[chunk],
-                                  None if ref is None else ref[chunk], advantages[rows], batch.mask[rows],
-                                  gc.variant, gc.eps_low, gc.eps_high, gc.beta, gc.max_new_tokens)
-                optimizer.zero_grad(set_to_none=True)
-                parts.loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-                optimizer.step()
+        parts = update(policy, reference, optimizer, batch, cfg)
         stats = {
             "reward": round(batch.rewards.mean().item(), 4),
             "accuracy": round(batch.accuracy.mean().item(), 4),
@@ -163,7 +171,8 @@ def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, d
         if gc.eval_every and (step + 1) % gc.eval_every == 0:
             _log_heldout(policy, tok, cfg, metrics, step + 1)
         if (step + 1) % gc.checkpoint_every == 0 and step + 1 < gc.steps:
-            save_checkpoint(ckpt_dir, policy, optimizer, {"step": step + 1})
+            keep_ref = {"reference": reference} if reference is not None and gc.ref_reset_every else None
+            save_checkpoint(ckpt_dir, policy, optimizer, {"step": step + 1}, extra=keep_ref)
     bar.close()
     return policy.eval()
 

@@ -127,6 +127,7 @@ async function send(text) {
   turns.push({role: "user", content: text});
   const view = addAssistant();
   const started = performance.now();
+  let thoughtEnd = null;  // when the answer began
   let answer = "", thoughtSeen = false, answerSeen = false, finish = null;
   const conversation = $("conversation");
   controller = new AbortController();
@@ -149,6 +150,7 @@ async function send(text) {
         if (delta.content) {
           if (!answerSeen) {  // the thinking is over: fold it away, the answer follows
             answerSeen = true;
+            thoughtEnd = performance.now();
             view.thinking.open = false;
           }
           answer += delta.content;
@@ -165,7 +167,7 @@ async function send(text) {
     setBusy(false);
     $("input").focus();
   }
-  const seconds = ((performance.now() - started) / 1000).toFixed(1);
+  const seconds = (((thoughtEnd || performance.now()) - started) / 1000).toFixed(1);
   view.summary.textContent = thoughtSeen ? `Thought for ${seconds} s` : "No thinking";
   if (!thoughtSeen) view.thinking.hidden = true;
   if (finish === "length") view.div.appendChild(note("[cut off at the token limit]"));
