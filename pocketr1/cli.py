@@ -11,6 +11,12 @@ from pocketr1 import config as config_mod
 from pocketr1.errors import UserError
 
 RUNS = Path("runs")
+RUN_EPILOG = """examples:
+  pocketr1 run                                  the default: about 10 minutes on a 2-core laptop
+  pocketr1 run --preset tiny --out /tmp/demo    a one-minute miniature
+  pocketr1 run grpo.variant=dapo grpo.eps_high=0.28 grpo.beta=0
+  pocketr1 run --resume                         continue runs/latest after a crash or Ctrl-C
+  pocketr1 config --preset small                every config key and its value"""
 
 
 def _common_run_args(p: argparse.ArgumentParser) -> None:
@@ -19,20 +25,32 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", help="size dial: tiny (a minute), default, small (longer)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<preset>-<time>)")
     p.add_argument("--device", help="auto (default), cpu, cuda, mps")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model over the processes (FSDP2) instead of replicating it (DDP)")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for a silent process before failing")
 
 
 def _open_run(args, continuing: bool):
     """The run at --out (or runs/latest) when continuing, else a new run from --preset and overrides."""
     from pocketr1.run import Run, latest_link
+    from pocketr1.train import distributed
+    from pocketr1.train.common import pick_device
 
+    distributed.init(pick_device(args.device or "auto"), args.dist_timeout)  # a no-op without torchrun
     if continuing:
         if args.overrides:
             raise UserError("a run continues with its saved config; drop the overrides (or start a new --out).")
-        return Run.open(args.out or RUNS / "latest")
+        run = Run.open(args.out or RUNS / "latest")
+        run.fsdp = args.fsdp
+        return run
     cfg = config_mod.build(args.preset, args.overrides)
     if args.device:
         cfg.device = args.device
+    if args.out is None and distributed.world() > 1:
+        raise UserError("under torchrun give every process the same --out (a timestamped default would differ).")
     run = Run.create(args.out or RUNS / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", cfg)
+    run.fsdp = args.fsdp
     if args.out is None:
         latest_link(RUNS, run.folder)
     return run
@@ -40,10 +58,12 @@ def _open_run(args, continuing: bool):
 
 def cmd_run(args) -> None:
     from pocketr1.report import print_summary
+    from pocketr1.train import distributed
 
     run = _open_run(args, continuing=args.resume)
     run.run()
-    print_summary(run)
+    if distributed.is_main():
+        print_summary(run)
 
 
 def cmd_stage(args) -> None:
@@ -51,6 +71,12 @@ def cmd_stage(args) -> None:
     continuing = args.resume or (args.out is not None and (args.out / "config.json").exists())
     run = _open_run(args, continuing)
     run.run(until=args.command, redo=args.command == "report")
+
+
+def cmd_config(args) -> None:
+    import json
+
+    print(json.dumps(config_mod.to_dict(config_mod.build(args.preset, args.overrides)), indent=2))
 
 
 def cmd_eval(args) -> None:
@@ -93,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="grow a reasoning model from nothing (R1-Zero): data, tokenizer, base, GRPO, "
-                                    "eval, report")
+                                    "eval, report",
+                       epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_run_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (--out, or runs/latest)")
     p.set_defaults(func=cmd_run)
@@ -105,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         _common_run_args(p)
         p.add_argument("--resume", action="store_true", help="continue this stage from its checkpoint")
         p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("config", help="print the resolved config of a preset with overrides (every key you can set)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("--preset", default="default")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("eval", help="pass@1 over k samples, cons@k, greedy, on held-out problems")
     p.add_argument("path", type=Path, help="a run folder or a model folder")
@@ -153,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from pocketr1.train import distributed
+
     try:
         args.func(args)
     except UserError as e:
@@ -161,3 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\npocketr1: interrupted.", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        message = distributed.failure(e)
+        if message is None:
+            raise
+        print(f"pocketr1: error: {message}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        distributed.teardown()

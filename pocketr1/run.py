@@ -4,6 +4,9 @@
 
 Each finished stage is recorded in `state.json` (written atomically) with its wall and CPU time; stages
 that train keep their own checkpoints, so `--resume` redoes at most the steps since the last one.
+
+Under torchrun every rank runs the training stages (`DISTRIBUTED_STAGES`) together; the others run on rank 0
+alone while the rest wait, then re-read what it wrote. Only rank 0 writes into the folder.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 from pocketr1 import config as config_mod
 from pocketr1.config import RunConfig
@@ -24,12 +30,14 @@ from pocketr1.report import write_report
 from pocketr1.tasks import get_family
 from pocketr1.tasks.corpus import build_corpus, describe
 from pocketr1.tokenizer import ChatTokenizer, save_tokenizer, train_tokenizer
+from pocketr1.train import distributed
 from pocketr1.train.common import Metrics, pick_device, set_threads
 from pocketr1.train.grpo import grpo
 from pocketr1.train.pretrain import pretrain
 
 STAGES = ("corpus", "tokenizer", "pretrain", "eval_base", "grpo", "eval_rl", "report")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+DISTRIBUTED_STAGES = ("pretrain", "grpo")
 
 
 def cpu_seconds() -> float:
@@ -43,8 +51,9 @@ class Run:
 
     def __init__(self, folder: Path, cfg: RunConfig):
         self.folder, self.cfg = folder, cfg
+        self.fsdp = False  # shard the model over the ranks (torchrun --fsdp) instead of replicating it
         self.metrics = Metrics(folder / "metrics.jsonl")
-        self.device = pick_device(cfg.device)
+        self.device = distributed.local_device(pick_device(cfg.device))
         set_threads(cfg.threads)
         state_path = folder / "state.json"
         self.state = read_json(state_path) if state_path.exists() else {"done": [], "cost": {}}
@@ -54,7 +63,9 @@ class Run:
         check_writable(folder)
         if (folder / "state.json").exists():
             raise UserError(f"{folder} already holds a run; use --resume to continue it or choose another --out.")
-        write_json(folder / "config.json", config_mod.to_dict(cfg))
+        if distributed.is_main():
+            write_json(folder / "config.json", config_mod.to_dict(cfg))
+        distributed.barrier()  # no rank looks for state.json after rank 0 could have written it
         return cls(folder, cfg)
 
     @classmethod
@@ -84,6 +95,8 @@ class Run:
         return load_model(self.folder / name, device=self.device)
 
     def save(self, model: Transformer, name: str) -> None:
+        if not distributed.is_main():
+            return
         save_model(model, self.folder / name,
                    {f: self.folder / "tokenizer" / f for f in TOKENIZER_FILES})
 
@@ -112,28 +125,33 @@ class Run:
         return {"vocab_size": chat.vocab_size}
 
     def stage_pretrain(self) -> dict:
-        model = pretrain(self.cfg, self.folder, self.tokenizer(), self.corpus(), self.device, self.metrics)
+        model = pretrain(self.cfg, self.folder, self.tokenizer(), self.corpus(), self.device, self.metrics,
+                         fsdp=self.fsdp)
         self.save(model, "base")
         return {"parameters": sum(p.numel() for p in model.parameters())}
 
     def stage_grpo(self) -> dict:
-        model = grpo(self.cfg, self.folder, self.tokenizer(), self.model("base"), self.device, self.metrics)
+        model = grpo(self.cfg, self.folder, self.tokenizer(), self.model("base"), self.device, self.metrics,
+                     fsdp=self.fsdp)
         self.save(model, "rl")
         return {}
+
+    def eval_plan(self) -> list[tuple[str, dict, str]]:
+        """(family, difficulty, split label) for every eval row: each task in range, then the stretch rows."""
+        d = self.cfg.data
+        plan = [(f, get_family(f).difficulty(d.difficulty.get(f)), "held-out") for f in d.families]
+        for f, overrides in self.cfg.stretch.items():
+            if f in d.families:
+                level = get_family(f).difficulty({**d.difficulty.get(f, {}), **overrides})
+                plan.append((f, level, "held-out, beyond training range"))
+        return plan
 
     def evaluate(self, name: str) -> dict:
         model, tok, ec = self.model(name), self.tokenizer(), self.cfg.eval
         rows = []
-        for family_name in self.cfg.data.families:
-            family = get_family(family_name)
-            level = family.difficulty(self.cfg.data.difficulty.get(family_name))
-            rows.append(evaluate_family(model, tok, family, level, ec.problems, ec.k, ec) | {"split": "held-out"})
-        for family_name, overrides in self.cfg.stretch.items():
-            if family_name in self.cfg.data.families:
-                family = get_family(family_name)
-                level = family.difficulty({**self.cfg.data.difficulty.get(family_name, {}), **overrides})
-                rows.append(evaluate_family(model, tok, family, level, ec.problems, ec.k, ec)
-                            | {"split": "held-out, beyond training range"})
+        for family, level, split in tqdm(self.eval_plan(), desc=f"eval {name}", unit="task", dynamic_ncols=True):
+            rows.append(evaluate_family(model, tok, get_family(family), level, ec.problems, ec.k, ec)
+                        | {"split": split})
         write_json(self.folder / "eval" / f"{name}.json", {"model": name, "rows": rows})
         return {}
 
@@ -151,12 +169,22 @@ class Run:
         """Every stage up to `until` that is not done yet; `redo` runs `until` again even if it is."""
         if redo and until in self.state["done"]:
             self.state["done"].remove(until)
-        for stage in STAGES[:STAGES.index(until) + 1]:
-            if self.done(stage):
-                continue
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            extra = getattr(self, f"stage_{stage}")()
-            self._record(stage, time.perf_counter() - t0, cpu_seconds() - c0, **extra)
+        todo = [s for s in STAGES[:STAGES.index(until) + 1] if not self.done(s)]
+        for stage in todo:
+            main = distributed.is_main()
+            if main:
+                print(f"pocketr1: [{STAGES.index(stage) + 1}/{len(STAGES)}] {stage} -> {self.folder}",
+                      file=sys.stderr, flush=True)
+            if stage in DISTRIBUTED_STAGES or main:
+                t0, c0 = time.perf_counter(), cpu_seconds()  # rank 0's own time only, under torchrun
+                extra = getattr(self, f"stage_{stage}")()
+                if main:
+                    self._record(stage, time.perf_counter() - t0, cpu_seconds() - c0, **extra)
+            if distributed.world() > 1:
+                distributed.barrier(slow=True)
+                if not main:  # what rank 0 wrote: progress, and the vocab size after the tokenizer
+                    self.state = read_json(self.folder / "state.json")
+                    self.cfg = config_mod.from_dict(read_json(self.folder / "config.json"))
 
 
 def latest_link(runs_root: Path, folder: Path) -> None:
