@@ -2,8 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint bench chromium
 setup: $(VENV)/.installed
+
+# The page test drives Debian's chromium through Playwright (which never downloads a browser of its own).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 
 # torch==2.13.0 first: it is the CPU build on this machine's disk; a bare `torch` would pull a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -16,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/pocketr1 run
 
-test: setup
+test: setup chromium
 	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
 lint: setup
@@ -24,3 +28,4 @@ lint: setup
 
 bench: setup
 	$(PY) bench/engine.py
+	$(PY) bench/serve.py

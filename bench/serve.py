@@ -13,7 +13,7 @@ own seed at T=0.6, top-p 0.95, and `stream_options.include_usage` for the token 
 
 The clients share the machine with the server, as they would on a laptop.
 
-    python bench/serve.py                      # levels 1 8 16 32, 128 tokens -> bench/results/serve.json
+    python bench/serve.py                      # levels 1 8 16 32, 256 tokens, best of 3 -> results/serve.json
     python bench/serve.py --model runs/latest  # a real model folder (or run folder)
     python bench/serve.py --quick              # smoke run: levels 1 and 4, 16 tokens -> serve-quick.json
 """
@@ -43,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="model or run folder (default: a toy random model, tiny preset size)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 16, 32], help="concurrency levels")
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens per stream (default: 128)")
-    p.add_argument("--rounds", type=int, default=2, help="repetitions per level; the table shows the best")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per stream (default: 256)")
+    p.add_argument("--rounds", type=int, default=3, help="repetitions per level; the table shows the best")
     p.add_argument("--quick", action="store_true", help="smoke run: levels 1 and 4, 16 tokens, 1 round")
     p.add_argument("--out", type=Path, help="JSON results (default: bench/results/serve.json)")
     args = p.parse_args(argv)
@@ -80,7 +80,8 @@ def stream_once(host: str, model: str, seed: int, max_tokens: int, start: thread
     for line in response:
         if not line.startswith(b"data: "):
             continue
-        if first is None and (b'"reasoning_content"' in line or (b'"content":"' in line and b'"content":""' not in line)):
+        text = b'"reasoning_content"' in line or (b'"content":"' in line and b'"content":""' not in line)
+        if first is None and text:
             first = time.perf_counter()
         if b'"usage":{' in line:
             tokens = json.loads(line[6:])["usage"]["completion_tokens"]

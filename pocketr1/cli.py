@@ -11,6 +11,7 @@ from pocketr1 import config as config_mod
 from pocketr1.errors import UserError
 
 RUNS = Path("runs")
+ARCHS = {"qwen2": "qwen2", "llama": "llama", "deepseek": "deepseek_v3"}  # --arch NAME -> model.model_type
 RUN_EPILOG = """examples:
   pocketr1 run                                  the default: about 10 minutes on a 2-core laptop
   pocketr1 run --preset tiny --out /tmp/demo    a one-minute miniature
@@ -25,6 +26,8 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", help="size dial: tiny (a minute), default, small (longer)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<preset>-<time>)")
     p.add_argument("--device", help="auto (default), cpu, cuda, mps")
+    p.add_argument("--arch", choices=ARCHS, help="model family: qwen2 (default), llama, deepseek (MLA + MoE); "
+                                                 "the same as model.model_type=...")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model over the processes (FSDP2) instead of replicating it (DDP)")
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
@@ -39,12 +42,13 @@ def _open_run(args, continuing: bool):
 
     distributed.init(pick_device(args.device or "auto"), args.dist_timeout)  # a no-op without torchrun
     if continuing:
-        if args.overrides:
+        if args.overrides or args.arch:
             raise UserError("a run continues with its saved config; drop the overrides (or start a new --out).")
         run = Run.open(args.out or RUNS / "latest")
         run.fsdp = args.fsdp
         return run
-    cfg = config_mod.build(args.preset, args.overrides)
+    arch = [f"model.model_type={ARCHS[args.arch]}"] if args.arch else []
+    cfg = config_mod.build(args.preset, arch + args.overrides)
     if args.device:
         cfg.device = args.device
     if args.out is None and distributed.world() > 1:
@@ -77,6 +81,13 @@ def cmd_config(args) -> None:
     import json
 
     print(json.dumps(config_mod.to_dict(config_mod.build(args.preset, args.overrides)), indent=2))
+
+
+def cmd_info(args) -> None:
+    from pocketr1.chat import resolve_model_dir
+    from pocketr1.model.info import describe
+
+    print(describe(resolve_model_dir(args.path)))
 
 
 def cmd_eval(args) -> None:
@@ -132,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         _common_run_args(p)
         p.add_argument("--resume", action="store_true", help="continue this stage from its checkpoint")
         p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("info", help="a model folder at a glance: family, parameters, dtype, KV-cache bytes per token")
+    p.add_argument("path", type=Path, help="a run folder (its RL model, else its base) or a model folder")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("config", help="print the resolved config of a preset with overrides (every key you can set)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pocketr1.errors import UserError
-from pocketr1.model.config import ModelConfig
+from pocketr1.model.config import DERIVED, ModelConfig
 
 
 @dataclass(slots=True)
@@ -175,8 +175,9 @@ def build(preset: str = "default", overrides: list[str] | None = None) -> RunCon
         if not sep:
             raise UserError(f"override '{item}' should look like section.key=value.")
         apply(cfg, {key.strip(): value.strip()}, parse=True)
-    if not any(o.startswith("model.head_dim") for o in overrides or []):
-        cfg.model.head_dim = 0  # derived again from the (possibly overridden) width
+    for name in DERIVED:  # derived again from the (possibly overridden) width, unless set explicitly
+        if not any(o.startswith(f"model.{name}=") for o in overrides or []):
+            setattr(cfg.model, name, 0)
     cfg.model.__post_init__()  # re-validate after overrides
     return cfg
 

@@ -60,7 +60,8 @@ class Run:
 
     @classmethod
     def create(cls, folder: Path, cfg: RunConfig) -> Run:
-        check_writable(folder)
+        if distributed.is_main():  # one prober: ranks sharing a folder would race on the probe file
+            check_writable(folder)
         if (folder / "state.json").exists():
             raise UserError(f"{folder} already holds a run; use --resume to continue it or choose another --out.")
         if distributed.is_main():

@@ -12,6 +12,7 @@ import torch
 
 from pocketr1.engine.batcher import Batcher, Job, QueueFull
 from pocketr1.model import load_model
+from pocketr1.model.transformer import attention_mask, positions_for
 from pocketr1.serve.toy import random_model
 from pocketr1.thinking import ThinkSplit, split_thinking
 from pocketr1.tokenizer import ChatTokenizer, StreamDecoder
@@ -19,10 +20,20 @@ from pocketr1.tokenizer import ChatTokenizer, StreamDecoder
 CONTEXT = 96
 
 
+def _toy(tmp_path_factory, model_type: str):
+    folder = random_model(tmp_path_factory.mktemp("batcher") / model_type, context=CONTEXT, model_type=model_type)
+    return load_model(folder, dtype=torch.float32), ChatTokenizer(folder)
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    folder = random_model(tmp_path_factory.mktemp("batcher") / "rand", context=CONTEXT)
-    return load_model(folder, dtype=torch.float32), ChatTokenizer(folder)
+    return _toy(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="module", params=["qwen2", "deepseek_v3"])
+def any_family(request, tmp_path_factory):
+    """Each family its own cache: Qwen2's keys and values, DeepSeek's MLA latent and rope key."""
+    return _toy(tmp_path_factory, request.param)
 
 
 class Collector:
@@ -56,17 +67,17 @@ def reference(model, tok: ChatTokenizer, prompt: list[int], new: int) -> str:
     """Greedy by recomputing the whole context every step: no cache, no batch, no padding."""
     ids = list(prompt)
     for _ in range(new):
-        x = torch.tensor([ids])
-        positions = torch.arange(len(ids))[None]
-        ids.append(int(model(x, positions, None)[0, -1].argmax()))
+        n, zero = len(ids), torch.zeros(1, dtype=torch.long)
+        logits = model(torch.tensor([ids]), positions_for(zero, 0, n), attention_mask(zero, n, n))
+        ids.append(int(logits[0, -1].argmax()))
     return tok.decode(ids[len(prompt):])
 
 
-def test_joins_and_leaves_match_a_plain_forward(toy, monkeypatch):
-    model, tok = toy
+def test_joins_and_leaves_match_a_plain_forward(any_family, monkeypatch):
+    model, tok = any_family
     rng = random.Random(0)
     jobs = []
-    for length in [3, 70, *(rng.choice([3, 8, 20, 45, 70]) for _ in range(10))]:
+    for length in [3, 70, 1, *(rng.choice([3, 8, 20, 45, 70]) for _ in range(10))]:
         # Short and long prompts (a long one joining short ones), short and long replies (the slot reaching
         # the end of the context): the shared slot moves both ways.
         jobs.append(Job([rng.randrange(5, tok.vocab_size) for _ in range(length)],

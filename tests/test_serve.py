@@ -16,12 +16,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
+import openai
 import pytest
 from serving import Server, get_json, post_json, request
 
-openai = pytest.importorskip("openai")
-
-from pocketr1.serve.toy import SCRIPT, random_model, scripted_model  # noqa: E402
+from pocketr1.serve.toy import SCRIPT, random_model, scripted_model
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -174,8 +173,9 @@ BAD_REQUESTS = [  # (body, status, param or code it must name)
     (_chat_body(max_tokens=0), 400, "max_tokens"),
     (_chat_body(max_tokens=10**30), 400, "context_length_exceeded"),
     (_chat_body(max_tokens="ten"), 400, "max_tokens"),
-    (_chat_body(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok",
-                                                              "reasoning_content": "hmm"}]), 400, "messages.1.reasoning_content"),
+    (_chat_body(messages=[{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "ok", "reasoning_content": "hmm"}]),
+     400, "messages.1.reasoning_content"),
     (_chat_body(temperature=-1), 400, "temperature"),
     (_chat_body(temperature="hot"), 400, "temperature"),
     (_chat_body(top_p=1.5), 400, "top_p"),
@@ -208,7 +208,8 @@ def test_bad_requests_get_openai_errors(rand):
     for prompt in ([], [10**6], [-1], [[5], [-5]]):
         got, reply = post_json(completions, {"model": "rand", "prompt": prompt}, AUTH)
         assert got == 400 and reply["error"]["param"] == "prompt", (prompt, reply)
-    assert post_json(url, b"{" + b" " * (1 << 20) + b"}", AUTH)[0] == 413
+    for head in (f"Content-Length: {2 << 20}", "Transfer-Encoding: chunked"):  # declared, or counted
+        assert _oversized(rand, head).startswith(b"HTTP/1.1 413"), head
     status, reply = post_json(url, _chat_body(), {"Authorization": "Bearer wrong"})
     assert status == 401 and reply["error"]["code"] == "invalid_api_key"
     assert post_json(url, _chat_body())[0] == 401
@@ -218,6 +219,18 @@ def test_bad_requests_get_openai_errors(rand):
     status, reply = get_json(rand.url + "/v1/nothing", AUTH)
     assert status == 404 and set(reply["error"]) == {"message", "type", "param", "code"}
     assert rand.health()["status"] == "ok"  # still serving
+
+
+def _oversized(server: Server, head: str) -> bytes:
+    """Announce a body over 1 MiB (the server answers at once), or send 1 MiB + 64 KiB in chunks and no more
+    (the server has read all of it when it answers, so closing sends no reset that could eat the answer)."""
+    url = urlparse(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {KEY}"
+                     f"\r\nContent-Type: application/json\r\n{head}\r\n\r\n".encode())
+        for _ in range(17 if "chunked" in head else 0):
+            sock.sendall(b"10000\r\n" + b" " * 0x10000 + b"\r\n")
+        return _read_until(sock, b"\r\n\r\n")
 
 
 # --- curl -------------------------------------------------------------------------------------------------

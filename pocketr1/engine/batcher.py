@@ -1,8 +1,9 @@
 """Continuous batching for serving: requests join the running batch at token boundaries and leave it the
 moment they finish or their client goes away.
 
-One engine thread owns the model and one KV buffer [layers, max_batch, kv_heads, capacity, head_dim] whose
-first `n` rows are the running sequences. As in `generate`, every row writes the cache at one shared slot:
+One engine thread owns the model and one cache buffer per cached tensor (keys and values, or MLA's latent
+and rope key), each [layers, max_batch, heads, capacity, dim], whose first `n` rows are the running
+sequences. As in `generate`, every row writes the cache at one shared slot:
 a row's text ends at `slot`, and its `pad_left` = slot - its length hides what lies before it. A new
 request is prefilled alone (batch 1, its own small cache) and its keys/values are copied into free rows so
 its prompt ends at the current slot; its first token comes from that prefill. When the slot must move (a
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from pocketr1.engine.sampling import sample_next
-from pocketr1.model.transformer import KVCache, Transformer, attention_mask, positions_for
+from pocketr1.model.transformer import Transformer
 from pocketr1.thinking import partial_tail
 from pocketr1.tokenizer import ChatTokenizer, StreamDecoder
 
@@ -64,11 +65,11 @@ class Ticket:
 class Seq:
     """One choice of a job, running in one cache row."""
 
-    def __init__(self, ticket: Ticket, choice: int, pad_left: int, tokenizer: ChatTokenizer):
+    def __init__(self, ticket: Ticket, choice: int, pad_left: int, tokenizer: ChatTokenizer, device):
         job = ticket.job
         self.ticket, self.choice, self.pad_left = ticket, choice, pad_left
         seed = job.seed if job.seed is not None else random.SystemRandom().randrange(2**63)
-        self.generator = torch.Generator().manual_seed((seed + choice) % 2**64)
+        self.generator = torch.Generator(device=device).manual_seed((seed + choice) % 2**64)
         self.greedy = job.temperature <= 0 or job.top_p <= 0
         self.decoder = StreamDecoder(tokenizer)
         self.pending = ""  # text held back: it may be the start of a stop string
@@ -87,7 +88,10 @@ class Batcher:
         self.stops = set(tokenizer.stop_ids)
         self.seqs: list[Seq] = []  # seqs[i] runs in cache row i
         self.slot = 0
-        self.k = self.v = self._buffer(0)
+        # The model's own cache class says what it caches: name -> [layers, 0, heads, 0, dim].
+        proto = self.model.new_cache(0, self.max_len, dtype, self.device)
+        self.shapes = {name: getattr(proto, name).shape for name in proto.names}
+        self.buf = self._buffer(0)
         self.waiting: deque[Ticket] = deque()
         self.generated = 0  # tokens generated since start (for /health)
         self.cond = threading.Condition()
@@ -106,6 +110,8 @@ class Batcher:
         with self.cond:
             if self.closing:
                 raise QueueFull("the server is shutting down.")
+            if len(self.waiting) >= self.max_queue:  # requests whose clients left do not count
+                self.waiting = deque(t for t in self.waiting if not t.cancelled)
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting.")
             self.waiting.append(ticket)
@@ -145,8 +151,7 @@ class Batcher:
             except Exception as e:  # e.g. out of memory: fail the running jobs, keep serving new ones
                 for ticket in self._running_tickets():
                     ticket.sink(("error", f"generation failed: {type(e).__name__}: {e}"))
-                self.seqs, self.slot = [], 0
-                self.k = self.v = self._buffer(0)
+                self.seqs, self.slot, self.buf = [], 0, self._buffer(0)
         with self.cond:
             for ticket in [*self.waiting, *self._running_tickets()]:
                 ticket.sink(("error", "the server is shutting down."))
@@ -171,29 +176,34 @@ class Batcher:
 
     def _start(self, ticket: Ticket) -> None:
         job, length = ticket.job, len(ticket.job.prompt)
-        cache = KVCache(self.cfg, 1, length, self.dtype, self.device)
-        zero = torch.zeros(1, dtype=torch.long, device=self.device)
+        cache = self.model.new_cache(1, length, self.dtype, self.device)
         ids = torch.tensor([job.prompt], device=self.device)
-        hidden = self.model.hidden(ids, positions_for(zero, 0, length), attention_mask(zero, length, length), cache)
+        positions = torch.arange(length, device=self.device)[None]
+        # One unpadded row: plain causal attention (mask None), no [length, length] mask to build; a single
+        # token goes the model's decode path, which takes an explicit mask.
+        mask = None if length > 1 else torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        hidden = self.model.hidden(ids, positions, mask, cache)
         logits = self.model.lm_head(hidden[:, -1])
         if length > self.slot:  # the prompt must end at the shared slot: move every row right
             self._relayout(length)
         row, end = len(self.seqs), self.slot
-        self.k[:, row:row + job.n, :, end - length:end] = cache.k[:, :, :, :length]
-        self.v[:, row:row + job.n, :, end - length:end] = cache.v[:, :, :, :length]
-        new = [Seq(ticket, i, end - length, self.tok) for i in range(job.n)]
+        for name, buf in self.buf.items():
+            buf[:, row:row + job.n, :, end - length:end] = getattr(cache, name)[:, :, :, :length]
+        new = [Seq(ticket, i, end - length, self.tok, self.device) for i in range(job.n)]
         self.seqs.extend(new)
         self._sample(new, logits.expand(job.n, -1))
 
     def _step(self) -> None:
-        if self.slot + 1 > self.k.shape[3]:  # no room for this step's keys
+        if self.slot + 1 > self._capacity():  # no room for this step's keys
             lo = min(s.pad_left for s in self.seqs)
             # Shift everything left when that frees a chunk or more (or when the context is full), else grow.
             self._relayout(self.slot - lo if lo >= CHUNK or self.slot + 1 > self.max_len else self.slot)
-        n, cap = len(self.seqs), self.k.shape[3]
-        cache = KVCache(self.cfg, 0, self.max_len, self.dtype, self.device)
-        # The cache views our first n rows: the model writes this step's keys straight into the buffer.
-        cache.k, cache.v, cache.length = self.k[:, :n], self.v[:, :n], self.slot
+        n, cap = len(self.seqs), self._capacity()
+        cache = self.model.new_cache(0, self.max_len, self.dtype, self.device)
+        # The cache views our first n rows: the model writes this step's keys straight into the buffers.
+        for name, buf in self.buf.items():
+            setattr(cache, name, buf[:, :n])
+        cache.length = self.slot
         pad_left = torch.tensor([s.pad_left for s in self.seqs], device=self.device)
         k_idx = torch.arange(cap, device=self.device)
         mask = ((k_idx >= pad_left[:, None]) & (k_idx <= self.slot))[:, None, None]
@@ -204,16 +214,16 @@ class Batcher:
 
     def _sample(self, seqs: list[Seq], logits: torch.Tensor) -> None:
         """Draw each seq's next token from its row of `logits` (greedy rows in one go), then act on it."""
-        tokens = [0] * len(seqs)
-        greedy = [i for i, s in enumerate(seqs) if s.greedy]
-        if greedy:
-            picked = sample_next(logits[greedy], 0.0).tolist()
-            for i, tok in zip(greedy, picked, strict=True):
-                tokens[i] = tok
+        groups: dict[tuple[float, float], list[int]] = {}  # rows with the same settings, sampled together
         for i, s in enumerate(seqs):
-            if not s.greedy:
-                job = s.ticket.job
-                tokens[i] = int(sample_next(logits[i:i + 1], job.temperature, job.top_p, 0, s.generator))
+            job = s.ticket.job
+            groups.setdefault((0.0, 1.0) if s.greedy else (job.temperature, job.top_p), []).append(i)
+        tokens = [0] * len(seqs)
+        for (temperature, top_p), rows in groups.items():
+            # One generator per row: a row's draws do not depend on the rows it shares the batch with.
+            picked = sample_next(logits[rows], temperature, top_p, 0, [seqs[i].generator for i in rows])
+            for i, tok in zip(rows, picked.tolist(), strict=True):
+                tokens[i] = tok
         self.generated += len(seqs)
         self._drop([s for s, tok in zip(seqs, tokens, strict=True) if not self._accept(s, tok)])
 
@@ -253,26 +263,29 @@ class Batcher:
         for s in gone:
             row, last = self.seqs.index(s), len(self.seqs) - 1
             if row != last:
-                self.k[:, row], self.v[:, row] = self.k[:, last], self.v[:, last]
+                for buf in self.buf.values():
+                    buf[:, row] = buf[:, last]
                 self.seqs[row] = self.seqs[last]
             self.seqs.pop()
         if not self.seqs:
             self.slot = 0
 
-    def _buffer(self, capacity: int) -> torch.Tensor:
-        shape = (self.cfg.num_hidden_layers, self.max_batch, self.cfg.num_key_value_heads, capacity,
-                 self.cfg.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+    def _buffer(self, capacity: int) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros(layers, self.max_batch, heads, capacity, dim, dtype=self.dtype, device=self.device)
+                for name, (layers, _, heads, _, dim) in self.shapes.items()}
+
+    def _capacity(self) -> int:
+        return next(iter(self.buf.values())).shape[3]
 
     def _relayout(self, slot: int) -> None:
         """Move the shared slot to `slot` (every row shifted alike) in a buffer sized for the next step."""
         capacity = min(self.max_len, -(-(slot + 1) // CHUNK) * CHUNK)
-        k, v = self._buffer(capacity), self._buffer(capacity)
+        new = self._buffer(capacity)
         if self.seqs:
             n, lo = len(self.seqs), min(s.pad_left for s in self.seqs)
             shift = slot - self.slot
-            k[:, :n, :, lo + shift:slot] = self.k[:, :n, :, lo:self.slot]
-            v[:, :n, :, lo + shift:slot] = self.v[:, :n, :, lo:self.slot]
+            for name, buf in new.items():
+                buf[:, :n, :, lo + shift:slot] = self.buf[name][:, :n, :, lo:self.slot]
             for s in self.seqs:
                 s.pad_left += shift
-        self.k, self.v, self.slot = k, v, slot
+        self.buf, self.slot = new, slot

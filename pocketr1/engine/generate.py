@@ -21,7 +21,7 @@ import torch
 
 from pocketr1.engine.sampling import sample_next
 from pocketr1.errors import UserError
-from pocketr1.model.transformer import KVCache, Transformer, attention_mask, positions_for
+from pocketr1.model.transformer import Transformer, attention_mask, positions_for
 
 
 @dataclass(slots=True)
@@ -89,10 +89,12 @@ def runner(model: Transformer, rows: int, dtype: torch.dtype | str = "auto") -> 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
              n: int = 1, pad_id: int = 0, on_token: StreamCallback | None = None, *,
-             dtype: torch.dtype | str = "auto") -> list[Completion]:
+             dtype: torch.dtype | str = "auto", prompt_seeds: list[int] | None = None) -> list[Completion]:
     """`n` completions for each prompt, in order: prompt 0's samples first. Stop tokens are not returned.
     `dtype`: what to compute in ("auto": see the module docstring); float32 reproduces `transformers`'
-    float32 greedy outputs."""
+    float32 greedy outputs. `prompt_seeds` (instead of `params.seed`): one random stream per sample, seeded
+    from its prompt's seed, so a prompt's samples are the same whatever other prompts share the batch
+    (data-parallel GRPO splits a step's prompts over processes and must sample what one process would)."""
     if not prompts:
         return []
     model = runner(model, len(prompts) * n, dtype)
@@ -106,10 +108,14 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
+    streams = None
+    if prompt_seeds is not None:
+        streams = [torch.Generator(device=device).manual_seed((s * 65_537 + j) % 2**63)
+                   for s in prompt_seeds for j in range(n)]
 
     pad_left = torch.tensor([longest - len(p) for p in prompts], device=device)
     ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
-    cache = KVCache(model.config, len(prompts), longest + max_new, weight.dtype, device)
+    cache = model.new_cache(len(prompts), longest + max_new, weight.dtype, device)
     hidden = model.hidden(ids, positions_for(pad_left, 0, longest),
                           attention_mask(pad_left, longest, longest), cache)
     logits = model.lm_head(hidden[:, -1])
@@ -124,7 +130,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     rows = list(range(total))  # which sequence each batch row holds
     stops = set(stop_ids or ())
     for step in range(max_new):
-        tokens = sample_next(logits, params.temperature, params.top_p, params.top_k, generator)
+        tokens = sample_next(logits, params.temperature, params.top_p, params.top_k,
+                             generator if streams is None else [streams[s] for s in rows])
         keep = []
         for row, (seq, tok) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             if tok in stops:

@@ -16,9 +16,17 @@ from safetensors.torch import save_file
 from pocketr1.errors import UserError
 from pocketr1.fsutil import read_json, write_dir
 from pocketr1.model.config import ModelConfig
+from pocketr1.model.deepseek import DeepseekV3
 from pocketr1.model.transformer import Transformer, rope_tables
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FAMILIES: dict[str, type[Transformer]] = {"qwen2": Transformer, "llama": Transformer, "deepseek_v3": DeepseekV3}
+KEEP_FLOAT32 = ("e_score_correction_bias",)  # nudged by ~1e-3 steps: bf16 would swallow them
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    """An uninitialised model of `cfg`'s family (call under `torch.device("meta")` to allocate nothing)."""
+    return FAMILIES[cfg.model_type](cfg)
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -78,7 +86,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
         raise UserError(f"{folder} is not a folder.")
     cfg = read_config(folder)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -87,7 +95,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
         raise UserError(f"{folder} has an untied head but no lm_head.weight.")
     dtype = dtype or DTYPES.get(cfg.torch_dtype, torch.float32)
     # The meta-device model has no storage: its parameters become the loaded (memory-mapped) tensors.
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.load_state_dict({k: v.to(torch.float32 if k.endswith(KEEP_FLOAT32) else dtype)
+                           for k, v in state.items()}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope_cos, model.rope_sin = rope_tables(cfg)

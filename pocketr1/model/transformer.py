@@ -32,9 +32,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for every position, in the non-interleaved (rotate-half) layout HF uses."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device)
-                                        / cfg.head_dim))
+    """cos/sin for every position, in the non-interleaved (rotate-half) layout HF uses, over the rotated
+    dimensions: the whole head, or DeepSeek's decoupled rope part."""
+    dim = cfg.qk_rope_head_dim if cfg.model_type == "deepseek_v3" else cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -77,20 +78,25 @@ class KVCache:
     The capacity grows in steps of `CHUNK` slots up to `max_len`. Decoding attends over the whole capacity
     (the empty slots masked), because a full-capacity slice is contiguous: oneDNN's bf16 matmul copies a
     strided operand on every call, and a cache preallocated at `max_len` would waste work on empty slots.
+    Subclasses cache other tensors (`names`), all with positions on axis 3 (see deepseek.MLACache).
     """
 
     CHUNK = 32
+    names: tuple[str, ...] = ("k", "v")
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
-        self.max_len = max_len
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, 0, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._allocate(max_len, {"k": shape, "v": shape}, dtype, device)
+
+    def _allocate(self, max_len: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device) -> None:
+        self.max_len = max_len
+        for name, shape in shapes.items():
+            setattr(self, name, torch.zeros(shape, dtype=dtype, device=device))
         self.length = 0  # positions filled so far (the same for every row: prompts are left-padded)
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return getattr(self, self.names[0]).shape[3]
 
     def reserve(self, length: int) -> None:
         """Make room for `length` positions (copying the filled part into a larger buffer if needed)."""
@@ -99,7 +105,7 @@ class KVCache:
         if length > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions cannot hold {length}.")
         capacity = min(self.max_len, -(-length // self.CHUNK) * self.CHUNK)
-        for name in ("k", "v"):
+        for name in self.names:
             old = getattr(self, name)
             new = old.new_zeros(*old.shape[:3], capacity, old.shape[4])
             new[:, :, :, :self.length] = old[:, :, :, :self.length]
@@ -107,12 +113,13 @@ class KVCache:
 
     def expand(self, repeats: int) -> None:
         """Give each row `repeats` copies, for the G samples of a group sharing one prefilled prompt."""
-        self.k = self.k.repeat_interleave(repeats, dim=1)
-        self.v = self.v.repeat_interleave(repeats, dim=1)
+        for name in self.names:
+            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=1))
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (finished sequences leave the batch)."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        for name in self.names:
+            setattr(self, name, getattr(self, name)[:, rows])
 
 
 class Attention(nn.Module):
@@ -161,17 +168,19 @@ def decode_attention(q, k, v, mask):
     b, h, _, d = q.shape
     n_kv, length = k.shape[1], k.shape[2]
     scores = (q.reshape(b, n_kv, h // n_kv, d) @ k.transpose(-1, -2)) * d ** -0.5
-    scores = scores.masked_fill_(~mask.view(b, 1, 1, length), float("-inf"))
+    if mask is not None:  # None: every key is visible (a lone first token, or a cache filled to `length`)
+        scores = scores.masked_fill_(~mask.view(b, 1, 1, length), float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     return (probs @ v).view(b, h, 1, d)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, size: int = 0):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        size = size or cfg.intermediate_size  # (DeepSeek's experts are narrower)
+        self.gate_proj = nn.Linear(cfg.hidden_size, size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, size, bias=False)
+        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         if hasattr(self, "gate_up_proj"):  # a frozen copy: one fused matmul
@@ -197,18 +206,20 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     """`model.*` in HF naming: embeddings, blocks, final norm."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: type[nn.Module]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Transformer(nn.Module):
+    Layer: type[nn.Module] = Block  # a decoder layer; other families (deepseek.py) subclass with their own
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.model = Backbone(cfg, self.Layer)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -248,6 +259,10 @@ class Transformer(nn.Module):
         twin.lm_head = PackedLinear([head.weight])
         twin.rope_cos, twin.rope_sin = self.rope_cos, self.rope_sin  # float32, as HF keeps them
         return twin.eval().requires_grad_(False)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
+        """An empty cache for generating with this model (each family caches its own tensors)."""
+        return KVCache(self.config, batch, max_len, dtype, device)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                cache: KVCache | None = None) -> torch.Tensor:

@@ -71,8 +71,8 @@ def create_app(engine: Batcher, tok: ChatTokenizer, model_id: str, api_key: str 
     async def chat_completions(req: ChatRequest, request: Request) -> Response:
         check_model(req.model)
         messages = chat_messages(req)
-        try:
-            ids = tok.chat_ids(messages)
+        try:  # in a worker thread: a long conversation must not stall the streams being served
+            ids = await asyncio.to_thread(tok.chat_ids, messages)
         except Exception as e:  # the chat template refused the conversation (e.g. roles out of order)
             raise APIError(400, f"the chat template cannot render these messages ({e}).", param="messages") from None
         job = Job(ids, **sampling(req, len(ids), context, engine.max_batch, req.n))
@@ -89,7 +89,7 @@ def create_app(engine: Batcher, tok: ChatTokenizer, model_id: str, api_key: str 
             prompts = [prompts]
         if not prompts:
             raise APIError(400, "prompt must not be empty.", param="prompt")
-        ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        ids = await asyncio.to_thread(lambda: [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts])
         bos = tok.token_id(tok.bos_token) if tok.bos_token else None
         ids = [p or ([bos] if bos is not None else []) for p in ids]  # an empty prompt starts from BOS
         if any(not p or min(p) < 0 or max(p) >= tok.vocab_size for p in ids):
@@ -124,6 +124,9 @@ def create_app(engine: Batcher, tok: ChatTokenizer, model_id: str, api_key: str 
             cancel_all()
             raise APIError(429, f"The server is busy: {e} Retry shortly.", type="rate_limit_error",
                            code="queue_full") from None
+        except ValueError as e:  # what validation let through but the engine cannot take
+            cancel_all()
+            raise APIError(400, str(e)) from None
         live = sum(job.n for job in jobs)
 
         def apply(offset: int, event: tuple) -> list[dict]:
@@ -138,7 +141,8 @@ def create_app(engine: Batcher, tok: ChatTokenizer, model_id: str, api_key: str 
         if stream:
             async def body():
                 try:
-                    yield b"".join(sse(c) for c in reply.start())
+                    if opening := b"".join(sse(c) for c in reply.start()):
+                        yield opening
                     while live:
                         try:
                             batch = [await asyncio.wait_for(events.get(), keepalive_s)]

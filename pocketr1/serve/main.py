@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 
@@ -22,8 +21,6 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve_command(args) -> None:
-    # Idle OpenMP threads that spin steal the core the HTTP loop needs between steps.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     import uvicorn
 

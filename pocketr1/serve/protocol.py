@@ -35,6 +35,9 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_Stop = Annotated[str, Field(max_length=256)]  # held-back text is checked against each, every token
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
@@ -60,7 +63,7 @@ class Sampling(_Body):
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     n: Annotated[int, Field(ge=1)] = 1
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: _Stop | Annotated[list[_Stop], Field(max_length=4)] | None = None
     seed: Annotated[int, Field(ge=-2**63, le=2**64 - 1)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -81,7 +84,7 @@ def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
     """The messages as the chat template takes them (text parts joined, developer as system)."""
     out = []
     for i, m in enumerate(req.messages):
-        if "reasoning_content" in m.model_fields_set:  # DeepSeek's rule: the thinking is not sent back
+        if m.reasoning_content is not None:  # DeepSeek's rule: the thinking is not sent back
             raise APIError(400, "reasoning_content must not be sent back in input messages; send only the "
                                 "content of earlier assistant turns.", param=f"messages.{i}.reasoning_content")
         text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pocketr1.model import ModelConfig, Transformer, save_model
+from pocketr1.model import ModelConfig, Transformer, build_model, save_model
 from pocketr1.tokenizer import ChatTokenizer, save_tokenizer, train_tokenizer
 
 SCRIPT = "Adding one and two gives three.</think>The answer is 3"
@@ -39,13 +39,14 @@ def _config(tok: ChatTokenizer, **kw) -> ModelConfig:
                        eos_token_id=tok.eos_id, tie_word_embeddings=False, **kw)
 
 
-def random_model(folder: str | Path, seed: int = 0, context: int = 512, hidden: int = 64, layers: int = 2
-                 ) -> Path:
+def random_model(folder: str | Path, seed: int = 0, context: int = 512, hidden: int = 64, layers: int = 2,
+                 model_type: str = "qwen2") -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         tok = _tokenizer(Path(tmp), context)
         cfg = _config(tok, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context)
-        model = Transformer(cfg)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                      model_type=model_type)
+        model = build_model(cfg)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():

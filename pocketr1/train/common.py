@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from pocketr1.errors import UserError
 from pocketr1.fsutil import read_json, recover_dir, write_dir, write_text
-from pocketr1.model import ModelConfig, Transformer, load_model
+from pocketr1.model import ModelConfig, Transformer, build_model, load_model
 from pocketr1.model.hf import state_for_saving
+from pocketr1.train import distributed
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -82,12 +83,14 @@ class Metrics:
         self.path = path
 
     def log(self, stage: str, step: int, **values) -> None:
+        if not distributed.is_main():  # one writer under torchrun
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
 
     def truncate(self, stage: str, after_step: int) -> None:
         """Forget `stage` records beyond `after_step`: a resumed stage logs them again, with no duplicates."""
-        if not self.path.exists():
+        if not distributed.is_main() or not self.path.exists():
             return
         keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and not _beyond(line, stage, after_step)]
@@ -118,9 +121,18 @@ def _beyond(line: str, stage: str, step: int) -> bool:
 def save_checkpoint(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, progress: dict,
                     extra: dict[str, Transformer] | None = None) -> None:
     """Model, optimiser state and `progress` (step, RNG, anything JSON) as one atomically swapped folder.
-    `extra` models (e.g. GRPO's reference) are saved beside it as `<name>.safetensors`."""
-    flat, layout = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state": {}}
-    for idx, state in optimizer.state_dict()["state"].items():
+    `extra` models (e.g. GRPO's reference) are saved beside it as `<name>.safetensors`.
+    Under torchrun every rank calls this (FSDP gathers the full state) and rank 0 alone writes."""
+    weights = distributed.full_state(model)  # a collective under FSDP: every rank takes part
+    opt_state = distributed.full_optim_state(model, optimizer)
+    if not distributed.is_main():
+        return
+    model = distributed.unwrap(model)
+    if model.config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    flat, layout = {}, {"param_groups": opt_state["param_groups"], "state": {}}
+    for idx, state in opt_state["state"].items():
         layout["state"][str(idx)] = sorted(state)
         for key, value in state.items():
             flat[f"{idx}.{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) \
@@ -128,7 +140,7 @@ def save_checkpoint(folder: Path, model: Transformer, optimizer: torch.optim.Opt
     rng = {"torch": torch.get_rng_state()}
 
     def fill(tmp: Path) -> None:
-        save_file(state_for_saving(model), str(tmp / "model.safetensors"))
+        save_file(weights, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
         save_file(flat, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
@@ -156,7 +168,7 @@ def load_checkpoint(folder: Path, optimizer_factory, device: torch.device
         raise UserError(f"checkpoint {folder} is damaged ({e}); delete it to restart that stage.") from None
     state = {int(idx): {k: flat[f"{idx}.{k}"] for k in keys} for idx, keys in layout["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
-    return model, optimizer, progress | {"folder": str(folder)}
+    return model, optimizer, progress
 
 
 def load_extra(folder: str | Path, name: str, into: Transformer) -> None:
@@ -169,6 +181,6 @@ def load_extra(folder: str | Path, name: str, into: Transformer) -> None:
 
 
 def new_model(cfg: ModelConfig, seed: int, device: torch.device) -> Transformer:
-    model = Transformer(cfg)
+    model = build_model(cfg)  # the family named by cfg.model_type
     model.init_weights(seed)
     return model.to(device).train()

@@ -22,6 +22,7 @@ from pocketr1.tasks import get_family
 from pocketr1.tasks.base import Problem
 from pocketr1.tasks.rewards import accuracy_reward, format_reward, reflection_count
 from pocketr1.tokenizer import ChatTokenizer
+from pocketr1.train import distributed
 from pocketr1.train.common import Metrics, autocast, load_checkpoint, load_extra, make_optimizer, save_checkpoint
 from pocketr1.train.grpo_loss import VARIANTS, LossParts, group_advantages, grpo_loss
 
@@ -50,11 +51,17 @@ def draw_problems(families: list[str], difficulty: dict, n: int, seed: int) -> l
     return out
 
 
-def rollout(model: Transformer, tok: ChatTokenizer, problems: list[Problem], cfg: RunConfig, seed: int) -> Rollout:
+def rollout(model: Transformer, tok: ChatTokenizer, problems: list[Problem], cfg: RunConfig, seed: int,
+            first: int = 0) -> Rollout:
+    """G samples of each problem. `first`: the step-wide index of `problems[0]`; each prompt's samples come
+    from their own seeded streams, so a rank sampling its share of the step's prompts draws exactly what
+    one process would for them. `dtype=float32` runs the sampler in float32 too (bit-stable batches)."""
     gc = cfg.grpo
     prompts = [tok.prompt_ids(p.question) for p in problems]
-    params = SamplingParams(temperature=gc.temperature, max_new_tokens=gc.max_new_tokens, seed=seed)
-    completions = generate(model, prompts, params, tok.stop_ids, n=gc.group_size, pad_id=tok.pad_id)
+    params = SamplingParams(temperature=gc.temperature, max_new_tokens=gc.max_new_tokens)
+    completions = generate(model, prompts, params, tok.stop_ids, n=gc.group_size, pad_id=tok.pad_id,
+                           dtype=torch.float32 if cfg.dtype == "float32" else "auto",
+                           prompt_seeds=[seed * 1_000_003 + first + i for i in range(len(prompts))])
     device = model.lm_head.weight.device
     prompt_len = max(len(p) for p in prompts)
     width = max(1, max(len(c.ids) + c.finished for c in completions))
@@ -86,23 +93,29 @@ def completion_logprobs(model: Transformer, batch: Rollout, rows: torch.Tensor) 
     """log π(token) for every completion slot of `rows`: [len(rows), T]."""
     ids, pad_left = batch.ids[rows], batch.pad_left[rows]
     length = ids.shape[1]
-    hidden = model.hidden(ids, positions_for(pad_left, 0, length), attention_mask(pad_left, length, length))
+    positions, mask = positions_for(pad_left, 0, length), attention_mask(pad_left, length, length)
     # Position t predicts token t+1: the completion's tokens are predicted from prompt_len-1 onwards.
-    logits = model.lm_head(hidden[:, batch.prompt_len - 1:-1]).float()
+    if distributed.is_wrapped(model):  # DDP/FSDP hooks run in forward(): the head sees the prompt too
+        logits = model(ids, positions, mask)[:, batch.prompt_len - 1:-1].float()
+    else:
+        logits = model.lm_head(model.hidden(ids, positions, mask)[:, batch.prompt_len - 1:-1]).float()
     targets = ids[:, batch.prompt_len:]
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
-def update(policy: Transformer, reference: Transformer | None, optimizer: torch.optim.Optimizer, batch: Rollout,
-           cfg: RunConfig) -> LossParts | None:
-    """One rollout's optimiser steps (`grpo.minibatches` of them); None when no group was informative."""
-    gc, device = cfg.grpo, batch.ids.device
+def update(policy: torch.nn.Module, reference: Transformer | None, optimizer: torch.optim.Optimizer,
+           batch: Rollout, cfg: RunConfig) -> LossParts | None:
+    """One rollout's optimiser steps (`grpo.minibatches` of them); None when no group was informative.
+    Under torchrun `policy` is the DDP/FSDP module and `batch` this rank's groups: every rank runs the same
+    number of minibatches (empty ones backpropagate a zero loss) and the loss is divided by global counts,
+    so the all-reduced gradient is the one a single process would compute on the whole batch."""
+    gc, device, world = cfg.grpo, batch.ids.device, distributed.world()
     advantages = group_advantages(batch.rewards, gc.group_size, gc.variant)
     keep = torch.arange(len(advantages), device=device)
     if gc.variant == "dapo":  # dynamic sampling: groups whose rewards are all equal teach nothing
         informative = batch.rewards.view(-1, gc.group_size).std(dim=1) > 0
         keep = keep[informative.repeat_interleave(gc.group_size)]
-    if not len(keep):
+    if not (distributed.sum_all(len(keep))[0] if world > 1 else len(keep)):
         return None
     policy.train()
     with torch.no_grad(), autocast(device, cfg.dtype):
@@ -110,13 +123,24 @@ def update(policy: Transformer, reference: Transformer | None, optimizer: torch.
         old = completion_logprobs(policy, batch, keep) if gc.minibatches > 1 else None
         ref = completion_logprobs(reference, batch, keep) if reference is not None else None
     parts = None
-    for chunk in torch.arange(len(keep), device=device).chunk(gc.minibatches):
-        rows = keep[chunk]
+    order = torch.arange(len(keep), device=device)
+    chunks = order.chunk(gc.minibatches) if world == 1 else order.tensor_split(gc.minibatches)
+    for chunk in chunks:
+        rows, mask, denominator = keep[chunk], batch.mask[keep[chunk]], None
+        old_c, ref_c = (None if old is None else old[chunk]), (None if ref is None else ref[chunk])
+        if world > 1:
+            local = float(mask.sum() if gc.variant == "dapo" else len(rows))
+            if not len(chunk):  # nothing here this minibatch: a zero-weight row keeps the collectives in step
+                rows = torch.zeros(1, dtype=torch.long, device=device)
+                mask, old_c, ref_c = torch.zeros_like(batch.mask[:1]), None, None
+            denominator = distributed.sum_all(local)[0]
+            if not denominator:
+                continue
+            denominator /= world  # the gradients are averaged over ranks
         with autocast(device, cfg.dtype):
             logp = completion_logprobs(policy, batch, rows)
-        parts = grpo_loss(logp, logp.detach() if old is None else old[chunk], None if ref is None else ref[chunk],
-                          advantages[rows], batch.mask[rows], gc.variant, gc.eps_low, gc.eps_high, gc.beta,
-                          gc.max_new_tokens)
+        parts = grpo_loss(logp, logp.detach() if old_c is None else old_c, ref_c, advantages[rows], mask,
+                          gc.variant, gc.eps_low, gc.eps_high, gc.beta, gc.max_new_tokens, denominator)
         optimizer.zero_grad(set_to_none=True)
         parts.loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -125,11 +149,16 @@ def update(policy: Transformer, reference: Transformer | None, optimizer: torch.
 
 
 def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, device: torch.device,
-         metrics: Metrics) -> Transformer:
-    """GRPO from `base` for `grpo.steps` steps, resuming from the stage checkpoint if there is one."""
-    gc = cfg.grpo
+         metrics: Metrics, fsdp: bool = False) -> Transformer:
+    """GRPO from `base` for `grpo.steps` steps, resuming from the stage checkpoint if there is one. Under
+    torchrun each rank samples and scores its share of the step's prompts (whole groups) and the gradients
+    are all-reduced (DDP, or FSDP2 with `fsdp`); metrics and checkpoints come from rank 0."""
+    gc, world = cfg.grpo, distributed.world()
     if gc.variant not in VARIANTS:
         raise UserError(f"grpo.variant must be one of {', '.join(VARIANTS)}, not '{gc.variant}'.")
+    if gc.prompts_per_step % world:
+        raise UserError(f"grpo.prompts_per_step={gc.prompts_per_step} must divide by the {world} processes, so "
+                        f"that every rank samples whole groups of the same number of prompts.")
     ckpt_dir = run_dir / "grpo" / "checkpoint"
     factory = lambda m: make_optimizer(m, gc.lr, 0.0)  # noqa: E731
     loaded = load_checkpoint(ckpt_dir, factory, device)
@@ -139,46 +168,72 @@ def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, d
     else:
         policy = copy.deepcopy(base).float().train()
         optimizer, start = factory(policy), 0
+    # `policy` stays the plain model the sampler runs; under FSDP it is a full copy refreshed every step.
+    model, optimizer = distributed.prepare(policy, optimizer, factory, fsdp and world > 1)
+    if distributed.is_sharded(model):
+        policy = distributed.plain_copy(model, copy.deepcopy(base).float())
     reference = copy.deepcopy(base).eval().requires_grad_(False) if gc.beta > 0 else None
     if reference is not None and gc.ref_reset_every and start >= gc.ref_reset_every:
-        load_extra(progress["folder"], "reference", reference)  # the policy as of the last reset
+        load_extra(ckpt_dir, "reference", reference)  # the policy as of the last reset
     metrics.truncate("grpo", start)
     metrics.truncate("grpo_eval", start)
     if start == 0:
         _log_heldout(policy, tok, cfg, metrics, 0)
-    bar = tqdm(range(start, gc.steps), initial=start, total=gc.steps, desc="grpo", unit="step", dynamic_ncols=True)
+    mine = distributed.shard(gc.prompts_per_step)
+    bar = tqdm(range(start, gc.steps), initial=start, total=gc.steps, desc="grpo", unit="step", dynamic_ncols=True,
+               disable=not distributed.is_main())
     for step in bar:
         t0 = time.perf_counter()
+        if distributed.is_sharded(model):
+            distributed.plain_copy(model, policy)
         if reference is not None and gc.ref_reset_every and step > 0 and step % gc.ref_reset_every == 0:
             reference.load_state_dict(policy.state_dict())
         problems = draw_problems(cfg.data.families, cfg.data.difficulty, gc.prompts_per_step, cfg.seed * 7919 + step)
         policy.eval()
-        batch = rollout(policy, tok, problems, cfg, seed=cfg.seed * 104_729 + step)
+        batch = rollout(policy, tok, problems[mine.start:mine.stop], cfg, seed=cfg.seed * 104_729 + step,
+                        first=mine.start)
         t_roll = time.perf_counter() - t0
-        parts = update(policy, reference, optimizer, batch, cfg)
+        parts = update(model, reference, optimizer, batch, cfg)
+        rewards, accuracy, lengths, reflections = (distributed.gather_cat(t.cpu()) for t in (
+            batch.rewards, batch.accuracy, batch.lengths, batch.reflections))
+        # Each rank's loss is its share of the global mean (scaled by world for DDP's averaging); the
+        # diagnostics are per-token means, combined weighted by each rank's tokens.
+        n = parts.tokens if parts else 0.0
+        loss, kl, clipped, n = distributed.sum_all(parts.loss.item() if parts else 0.0, parts.kl * n if parts
+                                                   else 0.0, parts.clipped * n if parts else 0.0, n)
+        loss, kl, clipped = loss / world, (kl / n if n else 0.0), (clipped / n if n else 0.0)
         stats = {
-            "reward": round(batch.rewards.mean().item(), 4),
-            "accuracy": round(batch.accuracy.mean().item(), 4),
-            "response_length": round(batch.lengths.mean().item(), 2),
-            "reflection_rate": round((batch.reflections > 0).float().mean().item(), 4),
-            "kl": round(parts.kl, 5) if parts else 0.0,
-            "clip_fraction": round(parts.clipped, 4) if parts else 0.0,
+            "reward": round(rewards.mean().item(), 4),
+            "accuracy": round(accuracy.mean().item(), 4),
+            "response_length": round(lengths.mean().item(), 2),
+            "reflection_rate": round((reflections > 0).float().mean().item(), 4),
+            "loss": round(loss, 6),
+            "kl": round(kl, 5) if parts else 0.0,
+            "clip_fraction": round(clipped, 4) if parts else 0.0,
             "rollout_s": round(t_roll, 2),
             "step_s": round(time.perf_counter() - t0, 2),
         }
         metrics.log("grpo", step + 1, **stats)
         bar.set_postfix(reward=stats["reward"], len=stats["response_length"])
         if gc.eval_every and (step + 1) % gc.eval_every == 0:
+            if distributed.is_sharded(model):
+                distributed.plain_copy(model, policy)
             _log_heldout(policy, tok, cfg, metrics, step + 1)
         if (step + 1) % gc.checkpoint_every == 0 and step + 1 < gc.steps:
             keep_ref = {"reference": reference} if reference is not None and gc.ref_reset_every else None
-            save_checkpoint(ckpt_dir, policy, optimizer, {"step": step + 1}, extra=keep_ref)
+            save_checkpoint(ckpt_dir, model, optimizer, {"step": step + 1}, extra=keep_ref)
     bar.close()
+    if distributed.is_sharded(model):
+        distributed.plain_copy(model, policy)
     return policy.eval()
 
 
 def _log_heldout(model: Transformer, tok: ChatTokenizer, cfg: RunConfig, metrics: Metrics, step: int) -> None:
-    """Held-out pass@1 (one sample per problem at the eval temperature) for the accuracy-vs-step curve."""
+    """Held-out pass@1 (one sample per problem at the eval temperature) for the accuracy-vs-step curve.
+    Rank 0 evaluates; the others wait for it."""
+    if not distributed.is_main():
+        distributed.barrier(slow=True)
+        return
     model.eval()
     values = {}
     for name in cfg.data.families:
@@ -187,3 +242,4 @@ def _log_heldout(model: Transformer, tok: ChatTokenizer, cfg: RunConfig, metrics
                               cfg.grpo.eval_problems, k=1, ec=cfg.eval, greedy=False)
         values[f"heldout_{name}"] = round(row["pass@1"], 4)
     metrics.log("grpo_eval", step, **values)
+    distributed.barrier(slow=True)

@@ -33,12 +33,15 @@ class LossParts:
     loss: torch.Tensor
     kl: float  # mean k3 KL per token
     clipped: float  # share of tokens where the clip was active
+    tokens: float = 0.0  # completion tokens these means are over (to combine data-parallel ranks' figures)
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, variant: str, eps_low: float, eps_high: float,
-              beta: float, budget: int) -> LossParts:
-    """Loss over completions [N, T]; `mask` marks real completion tokens; `budget` is max_new_tokens."""
+              beta: float, budget: int, denominator: float | None = None) -> LossParts:
+    """Loss over completions [N, T]; `mask` marks real completion tokens; `budget` is max_new_tokens.
+    `denominator` replaces the local count the variant averages over (sequences, or tokens for dapo): a
+    data-parallel rank divides its sum by the global count so that its share adds up to the global mean."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     unclipped = ratio * adv
@@ -52,14 +55,17 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     per_token = per_token * mask
     lengths = mask.sum(dim=1).clamp(min=1)
     if variant == "grpo":
-        loss = (per_token.sum(dim=1) / lengths).mean()
+        per_seq = per_token.sum(dim=1) / lengths
     elif variant == "dr_grpo":
-        loss = (per_token.sum(dim=1) / budget).mean()
+        per_seq = per_token.sum(dim=1) / budget
     elif variant == "dapo":
-        loss = per_token.sum() / mask.sum().clamp(min=1)
+        loss = per_token.sum() / (mask.sum().clamp(min=1) if denominator is None else denominator)
     else:
         raise ValueError(f"unknown GRPO variant {variant!r}")
+    if variant != "dapo":
+        loss = per_seq.mean() if denominator is None else per_seq.sum() / denominator
     with torch.no_grad():  # diagnostics only
         n_tokens = mask.sum().clamp(min=1)
         clip_active = (clipped < unclipped).float() * mask  # the min took the clipped term: no gradient there
-        return LossParts(loss, float((kl * mask).sum() / n_tokens), float(clip_active.sum() / n_tokens))
+        return LossParts(loss, float((kl * mask).sum() / n_tokens), float(clip_active.sum() / n_tokens),
+                         float(mask.sum()))

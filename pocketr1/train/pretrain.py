@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pocketr1.config import RunConfig
+from pocketr1.errors import UserError
 from pocketr1.tasks.corpus import Document
 from pocketr1.tokenizer import ChatTokenizer
+from pocketr1.train import distributed
 from pocketr1.train.common import (
     Metrics,
     autocast,
@@ -74,17 +76,30 @@ def pack_batch(encoded: list[tuple[list[int], int]], gen: torch.Generator, rows:
                  mask[:, None].to(device))
 
 
-def token_loss(model, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over the tokens that `batch.weights` selects."""
+def token_loss(model, batch: Batch, denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the tokens that `batch.weights` selects (divided by `denominator` instead of
+    their count when given: a rank's part of the mean over the whole global batch)."""
     logits = model(batch.inputs, batch.positions, batch.mask)
     losses = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), reduction="none")
-    return (losses * batch.weights.flatten()).sum() / batch.weights.sum().clamp(min=1)
+    denominator = batch.weights.sum().clamp(min=1) if denominator is None else denominator
+    return (losses * batch.weights.flatten()).sum() / denominator
+
+
+def rank_rows(batch: Batch, rows: range) -> Batch:
+    """This rank's rows of the global batch (every rank packs the same global batch, then keeps its part)."""
+    part = slice(rows.start, rows.stop)
+    return Batch(batch.inputs[part], batch.targets[part], batch.weights[part], batch.positions[part],
+                 batch.mask[part])
 
 
 def pretrain(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, docs: list[Document], device: torch.device,
-             metrics: Metrics):
-    """Train until `cfg.pretrain.steps`, resuming from the stage checkpoint if there is one."""
+             metrics: Metrics, fsdp: bool = False):
+    """Train until `cfg.pretrain.steps`, resuming from the stage checkpoint if there is one. Under torchrun
+    each rank trains on its rows of the same global batch of `pretrain.rows` rows (DDP, or FSDP2)."""
     pc = cfg.pretrain
+    world = distributed.world()
+    if pc.rows < world:
+        raise UserError(f"pretrain.rows={pc.rows} cannot be split over {world} processes; use at least {world}.")
     ckpt_dir = run_dir / "pretrain" / "checkpoint"
     factory = lambda m: make_optimizer(m, pc.lr, pc.weight_decay)  # noqa: E731
     loaded = load_checkpoint(ckpt_dir, factory, device)
@@ -94,11 +109,14 @@ def pretrain(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, docs: list[Docum
     else:
         model = new_model(cfg.model, cfg.seed, device)
         optimizer, start = factory(model), 0
+    plain = model
+    model, optimizer = distributed.prepare(model, optimizer, factory, fsdp)
+    my_rows = distributed.shard(pc.rows)
     metrics.truncate("pretrain", start)
     encoded = encode_corpus(docs, tok)
     model.train()
     bar = tqdm(range(start, pc.steps), initial=start, total=pc.steps, desc="pretrain", unit="step",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not distributed.is_main())
     tokens, t0 = 0, time.perf_counter()
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # the same batches after a resume
@@ -106,18 +124,29 @@ def pretrain(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, docs: list[Docum
         lr = lr_at(step, pc.steps, pc.lr, pc.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if world > 1:
+            # The mean over every loss token of the global batch: DDP/FSDP average gradients over ranks, so
+            # each rank's sum is scaled by world / (global token count) to give one process's gradient.
+            denominator = batch.weights.sum().clamp(min=1) / world
+            batch = rank_rows(batch, my_rows)
         with autocast(device, cfg.dtype):
-            loss = token_loss(model, batch)
+            loss = token_loss(model, batch, denominator if world > 1 else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        tokens += batch.inputs.numel()
+        if hasattr(plain, "after_step"):  # e.g. DeepSeek-V3's expert balancing
+            plain.after_step()
+        tokens += pc.rows * pc.seq_len  # the global batch: tokens/s of the whole job
         if (step + 1) % pc.log_every == 0 or step + 1 == pc.steps:
+            if world > 1:
+                loss = torch.tensor(distributed.sum_all(loss.item())[0] / world)  # the global batch's mean
             rate = tokens / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
             metrics.log("pretrain", step + 1, loss=round(loss.item(), 4), lr=lr, tokens_per_s=round(rate))
         if (step + 1) % pc.checkpoint_every == 0 and step + 1 < pc.steps:
             save_checkpoint(ckpt_dir, model, optimizer, {"step": step + 1})
     bar.close()
+    if world > 1:  # every rank takes part in the gather; the caller saves on rank 0
+        return distributed.plain_copy(model, new_model(cfg.model, cfg.seed, device) if fsdp else plain).eval()
     return model.eval()
