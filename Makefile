@@ -26,6 +26,10 @@ test: setup chromium
 lint: setup
 	$(VENV)/bin/ruff check pocketr1 tests bench
 
+# The peers (transformers, TRL) come with the `bench` extra.
 bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/engine.py
 	$(PY) bench/serve.py
+	$(PY) bench/pretrain.py
+	$(PY) bench/grpo.py

@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                  "(default: 64; 0: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in both workers (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="torch.profiler on each side's last step: print the "
+                                                            "top ops (one extra step, left out of the timings)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 prompts x 4, 32 tokens, 1 round of 1 step")
     p.add_argument("--out", type=Path, help="JSON results (default: bench/results/grpo.json, grpo-base.json "
                                             "with --base, grpo-quick.json with --quick)")
@@ -64,6 +66,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     name = "grpo-quick" if args.quick else "grpo-base" if args.base else "grpo"
     args.out = args.out or common.RESULTS / f"{name}.json"
     return args
+
+
+def _profiler(spec: dict, step: int, n_steps: int):
+    """A started torch.profiler for the last step when --profile asked for it, else None."""
+    if not spec["profile"] or step != n_steps - 1:
+        return None
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    prof.__enter__()
+    return prof
+
+
+def _profile_table(prof) -> str | None:
+    if prof is None:
+        return None
+    prof.__exit__(None, None, None)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
 def _heldout(folder: Path, spec: dict, model=None) -> float | None:
@@ -111,14 +129,19 @@ def pocketr1_worker(conn, spec: dict) -> None:
         if cmd == "step":
             common.reset_peak_rss()
             problems = spec["steps"][step]
+            prof = _profiler(spec, step, len(spec["steps"]))
             policy.eval()
             t0 = time.perf_counter()
-            batch = rollout(policy, tok, problems, cfg, seed=spec["seed"] * 104_729 + step)
+            with torch.profiler.record_function("ROLLOUT"):
+                batch = rollout(policy, tok, problems, cfg, seed=spec["seed"] * 104_729 + step)
             t_roll = time.perf_counter() - t0
-            update(policy, reference, optimizer, batch, cfg)
+            with torch.profiler.record_function("UPDATE"):
+                update(policy, reference, optimizer, batch, cfg)
             conn.send({"rollout_s": t_roll, "tokens": float(batch.lengths.sum()),
                        "reward": float(batch.rewards.mean()), "accuracy": float(batch.accuracy.mean()),
-                       "peak_rss_mb": common.peak_rss_mb()})
+                       "padded_positions": int(batch.ids.numel()),
+                       "real_positions": int(batch.ids.numel() - (batch.ids == tok.pad_id).sum()),
+                       "profile": _profile_table(prof), "peak_rss_mb": common.peak_rss_mb()})
             step += 1
         else:  # "finish"
             conn.send({"heldout": _heldout(folder, spec, policy)})
@@ -179,7 +202,8 @@ def trl_worker(conn, spec: dict) -> None:
 
     def timed_generate(*a, **k):
         t0 = time.perf_counter()
-        out = generate(*a, **k)
+        with torch.profiler.record_function("ROLLOUT"):
+            out = generate(*a, **k)
         current["rollout_s"] = current.get("rollout_s", 0.0) + time.perf_counter() - t0
         return out
 
@@ -188,15 +212,18 @@ def trl_worker(conn, spec: dict) -> None:
     class Lockstep(transformers.TrainerCallback):
         """Each optimiser step waits for the parent's go and reports when done."""
 
+        prof = None
+
         def on_step_begin(self, args, state, control, **kwargs):
             assert conn.recv() == "step"
             current.clear()
             common.reset_peak_rss()
+            self.prof = _profiler(spec, state.global_step, n_steps)
 
         def on_step_end(self, args, state, control, **kwargs):
             expected = sorted(p.question for p in spec["steps"][state.global_step - 1])
             current["same_prompts"] = current.pop("questions", None) == expected
-            conn.send({**current, "peak_rss_mb": common.peak_rss_mb()})
+            conn.send({**current, "profile": _profile_table(self.prof), "peak_rss_mb": common.peak_rss_mb()})
 
     trainer.add_callback(Lockstep())
     conn.send(("ready", common.peak_rss_mb()))
@@ -221,7 +248,7 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()
     info = common.machine()
     print(common.describe(info))
-    n_steps = 1 + args.rounds * args.steps_per_round
+    n_steps = 1 + args.rounds * args.steps_per_round + args.profile  # --profile: one more, untimed
     steps = [draw_problems(["arithmetic"], {}, args.prompts, args.seed * 7919 + s) for s in range(n_steps)]
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as work:
         folder = args.base or Path(work) / "model"
@@ -229,13 +256,14 @@ def main(argv=None) -> None:
             common.build_model_folder(folder, args.seed)
         spec = {"folder": str(folder), "work": work, "steps": steps, "prompts": args.prompts, "group": args.group,
                 "max_tokens": args.max_tokens, "beta": args.beta, "lr": args.lr, "seed": args.seed,
-                "threads": args.threads, "eval_problems": args.eval_problems}
+                "threads": args.threads, "eval_problems": args.eval_problems, "profile": args.profile}
         ctx = mp.get_context("spawn")
         conns, procs, setup_rss = {}, {}, {}
         for side, target in (("trl", trl_worker), ("pocketr1", pocketr1_worker)):
             parent, child = ctx.Pipe()
             procs[side] = ctx.Process(target=target, args=(child, spec), daemon=True)
             procs[side].start()
+            child.close()  # a worker that dies then reads as EOFError here, not a hang
             conns[side] = parent
         for side in SIDES:
             _, setup_rss[side] = conns[side].recv()
@@ -253,6 +281,9 @@ def main(argv=None) -> None:
             for side in SIDES if r % 2 else SIDES[::-1]:  # alternate who goes first
                 for _ in range(args.steps_per_round):
                     records[side].append(step(side) | {"warmup": False})
+        if args.profile:
+            for side in SIDES:
+                records[side].append(step(side) | {"warmup": False})
         final = {}
         for side in SIDES:
             conns[side].send("finish")
@@ -261,7 +292,7 @@ def main(argv=None) -> None:
 
     rows = {}
     for side in SIDES:
-        timed = [x for x in records[side] if not x["warmup"]]
+        timed = [x for x in records[side] if not x["warmup"] and not x.get("profile")]
         secs = common.median([x["seconds"] for x in timed])
         roll = common.median([x["rollout_s"] for x in timed])
         tokens = sum(x["tokens"] for x in timed)
@@ -274,16 +305,20 @@ def main(argv=None) -> None:
             "reward_mean_all_steps": round(sum(x["reward"] for x in records[side]) / n_steps, 4),
             "accuracy_mean_all_steps": round(sum(x["accuracy"] for x in records[side]) / n_steps, 4),
             "heldout_pass1_after": final[side]["heldout"],
-            "peak_rss_mb": max(x["peak_rss_mb"] or 0 for x in records[side]) or None,
+            "peak_rss_mb": max(x["peak_rss_mb"] or 0 for x in records[side] if not x.get("profile")) or None,
             "setup_rss_mb": setup_rss[side],
-            "steps": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in x.items()} for x in records[side]],
+            "steps": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in x.items() if k != "profile"}
+                      for x in records[side]],
         }
     same = all(x.get("same_prompts", True) for x in records["trl"])
+    pr = records["pocketr1"]
+    real_share = sum(x["real_positions"] for x in pr) / sum(x["padded_positions"] for x in pr)
     ratio = rows["trl"]["seconds_per_step"] / rows["pocketr1"]["seconds_per_step"]
     roll_ratio = rows["pocketr1"]["rollout_tokens_per_s"] / rows["trl"]["rollout_tokens_per_s"]
 
     print(f"\n{args.prompts} prompts x G={args.group}, <= {args.max_tokens} tokens, beta {args.beta}, lr {args.lr}, "
-          f"{n_steps} steps each ({args.rounds} rounds x {args.steps_per_round} timed + 1 warm-up); model: "
+          f"{n_steps} steps each ({args.rounds} rounds x {args.steps_per_round} timed + 1 warm-up"
+          f"{' + 1 profiled' if args.profile else ''}); model: "
           f"{args.base or 'random tiny Qwen2'}")
     print(f"{'side':<9} {'s/step':>7} {'rollout s':>9} {'rollout tok/s':>13} {'tok/completion':>14} "
           f"{'reward last':>11} {'reward mean':>11} {'held-out':>8} {'peak RSS MB':>11}")
@@ -296,7 +331,13 @@ def main(argv=None) -> None:
               f"{held:>8} {x['peak_rss_mb'] or 0:>11.0f}")
     print(f"\npocket-r1 vs TRL, medians: {ratio:.2f}x faster per step, {roll_ratio:.2f}x rollout tokens/s "
           f"(target >= 5x per step: {'met' if ratio >= 5 else 'missed'}); same prompts every step: {same}")
-    print("Peak RSS: each side's own worker process during its steps (model, reference, optimiser, activations).")
+    print("Peak RSS: each side's own worker process during its (unprofiled) steps: model, reference, optimiser, "
+          "activations.")
+    print(f"pocket-r1's update batch (prompt + completion, padded): {real_share:.0%} of its positions are real tokens.")
+    for side in SIDES:
+        table = records[side][-1].get("profile")
+        if table:
+            print(f"\n{side}, last step under torch.profiler (ROLLOUT / UPDATE: the phases):\n{table}")
 
     info["load_average_end"] = common.os.getloadavg()
     result = {"benchmark": "grpo", "machine": info, "model": str(args.base) if args.base else common.MODEL,
@@ -304,7 +345,8 @@ def main(argv=None) -> None:
               | {"steps_total": n_steps, "loss": "grpo (per-sequence mean), group-std advantages, eps 0.2",
                  "precision": "each side's default: TRL bf16=True; pocket-r1 dtype=auto"},
               "rows": rows, "speedup_per_step": round(ratio, 2), "rollout_tokens_per_s_ratio": round(roll_ratio, 2),
-              "same_prompts": same}
+              "same_prompts": same, "pocketr1_update_real_position_share": round(real_share, 3),
+              "profiles": {side: records[side][-1].get("profile") for side in SIDES}}
     common.write_result(args.out, result)
 
 

@@ -168,6 +168,7 @@ def main(argv=None) -> None:
             spec |= {"peer_docs": peer_docs} if v.startswith("transformers") else {"encoded": encoded}
             procs.append(ctx.Process(target=worker, args=(child, spec), daemon=True))
             procs[-1].start()
+            child.close()  # a worker that dies then reads as EOFError here, not a hang
             conns[v] = parent
         for v in VARIANTS:
             assert conns[v].recv() == "ready"

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from pocketr1.model import load_model
 from pocketr1.train import distributed
 from pocketr1.train.common import load_checkpoint, make_optimizer
+from pocketr1.train.grpo_loss import VARIANTS, grpo_loss
 from pocketr1.train.pretrain import pack_batch, rank_rows
 
 # float32 everywhere: batch composition must not change rounding. format_weight 1 and 200 pretraining steps
@@ -70,6 +71,27 @@ def test_rank_rows_of_the_global_batch_are_the_single_process_batch():
     parts = [rank_rows(full, distributed.shard(5, 2, r)) for r in range(2)]
     for name in ("inputs", "targets", "weights", "positions", "mask"):
         torch.testing.assert_close(torch.cat([getattr(p, name) for p in parts]), getattr(full, name))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rank_losses_with_global_denominators_average_to_the_single_process_loss(variant):
+    """What DDP averages (each rank's loss over global counts, times world) is the one-process loss; its
+    gradient too. Uneven lengths, so per-rank means would differ from the global one."""
+    gen = torch.Generator().manual_seed(0)
+    logp = torch.randn(8, 6, generator=gen, requires_grad=True)
+    ref, adv = logp.detach() + 0.1 * torch.randn(8, 6, generator=gen), torch.randn(8, generator=gen)
+    mask = (torch.arange(6)[None] < torch.tensor([1, 6, 2, 5, 3, 6, 6, 4])[:, None]).float()
+    args = (variant, 0.2, 0.28, 0.05, 6)
+    full = grpo_loss(logp, logp.detach(), ref, adv, mask, *args).loss
+    (g_full,) = torch.autograd.grad(full, logp)
+    world, parts = 2, [slice(0, 3), slice(3, 8)]  # uneven: as after DAPO drops a group on one rank
+    total = float(mask.sum()) if variant == "dapo" else 8.0
+    losses = [grpo_loss(logp[r], logp[r].detach(), ref[r], adv[r], mask[r], *args, total / world).loss
+              for r in parts]
+    averaged = sum(losses) / world
+    (g_avg,) = torch.autograd.grad(averaged, logp)
+    torch.testing.assert_close(averaged, full)
+    torch.testing.assert_close(g_avg, g_full)
 
 
 # --- one process against two, same global batch ----------------------------------------------------------

@@ -13,6 +13,7 @@ NCCL aborts through its watchdog) instead of waiting forever; the CLI turns that
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from datetime import timedelta
@@ -97,21 +98,23 @@ def wrap(model: nn.Module, fsdp: bool = False) -> nn.Module:
     if world() == 1:
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
+        fully_shard, _ = _fsdp2()
         for block in model.model.layers:  # one all-gather per block, freed again after its use
             fully_shard(block)
         fully_shard(model)  # embeddings, final norm and the (possibly tied) head
         return model
     device_ids = [model.lm_head.weight.device.index] if model.lm_head.weight.is_cuda else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # No buffer broadcast: the only buffers are constant RoPE tables, and a forward that skips a collective
+    # lets ranks run different numbers of no-grad forwards.
+    ddp = nn.parallel.DistributedDataParallel
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else {"broadcast_buffers": False})  # renamed in recent torch; the old name warns there
+    return ddp(model, device_ids=device_ids, **no_sync)
 
 
 def is_wrapped(model: nn.Module) -> bool:
     """Whether calls must go through `model.forward` (DDP's and FSDP's hooks live there)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, (nn.parallel.DistributedDataParallel, FSDPModule))
+    return isinstance(model, (nn.parallel.DistributedDataParallel, _fsdp2()[1]))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -119,9 +122,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, _fsdp2()[1])
 
-    return isinstance(model, FSDPModule)
+
+def _fsdp2():
+    """FSDP2's `fully_shard` and `FSDPModule`: public from torch 2.6, under `_composable` in 2.5."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import FSDPModule, fully_shard
+    return fully_shard, FSDPModule
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -120,8 +120,11 @@ def update(policy: torch.nn.Module, reference: Transformer | None, optimizer: to
     policy.train()
     with torch.no_grad(), autocast(device, cfg.dtype):
         # With one minibatch the policy has not moved since sampling, so π_old is π_θ detached (ratio 1).
-        old = completion_logprobs(policy, batch, keep) if gc.minibatches > 1 else None
-        ref = completion_logprobs(reference, batch, keep) if reference is not None else None
+        # A rank with no informative group still runs the policy forward (on a stand-in row): FSDP gathers
+        # weights there, and every rank must take part.
+        probe = keep if len(keep) or world == 1 else keep.new_zeros(1)
+        old = completion_logprobs(policy, batch, probe) if gc.minibatches > 1 else None
+        ref = completion_logprobs(reference, batch, keep) if reference is not None and len(keep) else None
     parts = None
     order = torch.arange(len(keep), device=device)
     chunks = order.chunk(gc.minibatches) if world == 1 else order.tensor_split(gc.minibatches)
