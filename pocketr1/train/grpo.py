@@ -148,6 +148,9 @@ def update(policy: torch.nn.Module, reference: Transformer | None, optimizer: to
         parts.loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
+        plain = distributed.unwrap(policy)
+        if hasattr(plain, "after_step"):  # e.g. DeepSeek-V3's expert balancing
+            plain.after_step()
     return parts
 
 
