@@ -23,28 +23,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402, F401  (sets the offline / OpenMP environment before torch starts)
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from common import MODEL, RESULTS, machine, peak_rss_mb, reset_peak_rss, write_result  # noqa: E402
 
 from pocketr1.engine import SamplingParams, generate  # noqa: E402
 from pocketr1.engine.generate import resolve_dtype  # noqa: E402
 from pocketr1.model import load_model  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=512)
 PAD = 0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ENGINES = ("transformers", "pocketr1")
@@ -65,40 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.batches, args.new_tokens, args.rounds = [8, 1], 16, 1
     args.out = args.out or RESULTS / ("engine-quick.json" if args.quick else "engine.json")
     return args
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "avx512_bf16": bool(caps.get("avx512_bf16")), "amx_bf16": bool(caps.get("amx_bf16")),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
-
-
-def reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM, so the next reading is the peak since now."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def make_prompts(batch: int, seed: int) -> list[list[int]]:
@@ -211,11 +172,7 @@ def main(argv=None) -> None:
                            "prompt_tokens": "16-24, left-padded", "quick": args.quick,
                            "sampling": "temperature 1, top_p 1, top_k 0, no stop tokens"},
               "frozen_copy_build_ms": build_ms, "rows": rows, "speedup": speedup}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
-    print(f"\nwrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
