@@ -132,3 +132,13 @@ def test_pad_rows_do_not_change_real_rows():
         with torch.no_grad():
             alone = ours(alone_ids, torch.arange(length)[None], None)
         torch.testing.assert_close(together[row, n:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_dtype_key_of_newer_transformers_is_read(tmp_path):
+    """transformers >= 5 writes `dtype`, older versions `torch_dtype`: either names the weights' precision."""
+    from pocketr1.model import ModelConfig
+
+    base = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
+    assert ModelConfig.from_hf(base | {"dtype": "bfloat16"}).torch_dtype == "bfloat16"
+    assert ModelConfig.from_hf(base | {"torch_dtype": "float16", "dtype": "bfloat16"}).torch_dtype == "float16"

@@ -153,6 +153,8 @@ class ModelConfig:
                 raise UserError(f"hidden_act '{d.get('hidden_act')}' is not supported.")
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        if "torch_dtype" not in kwargs and isinstance(d.get("dtype"), str):
+            kwargs["torch_dtype"] = d["dtype"]  # transformers >= 5 writes `dtype` instead of `torch_dtype`
         if d.get("rope_scaling"):
             raise UserError("rope_scaling is not supported yet.")
         rope = d.get("rope_parameters")  # transformers >= 5 writes rope_theta inside this dict
