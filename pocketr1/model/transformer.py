@@ -107,8 +107,10 @@ class KVCache:
         capacity = min(self.max_len, -(-length // self.CHUNK) * self.CHUNK)
         for name in self.names:
             old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:3], capacity, old.shape[4])
+            new = old.new_empty(*old.shape[:3], capacity, old.shape[4])
             new[:, :, :, :self.length] = old[:, :, :, :self.length]
+            # Only the empty tail needs zeros (masked scores still multiply it: garbage could be NaN).
+            new[:, :, :, self.length:].zero_()
             setattr(self, name, new)
 
     def expand(self, repeats: int) -> None:
