@@ -26,6 +26,16 @@ MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_at
              num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=512)
 
 
+def start(threads: int) -> None:
+    """What every benchmark does first: its thread count for both sides, and transformers kept quiet."""
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def machine() -> dict:
     import transformers
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402, F401  (sets the offline / OpenMP environment before torch starts)
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import MODEL, RESULTS, machine, peak_rss_mb, reset_peak_rss, write_result  # noqa: E402
+from common import MODEL, RESULTS, machine, peak_rss_mb, reset_peak_rss, start, write_result  # noqa: E402
 
 from pocketr1.engine import SamplingParams, generate  # noqa: E402
 from pocketr1.engine.generate import resolve_dtype  # noqa: E402
@@ -88,10 +88,7 @@ def run_transformers(model, prompts: list[list[int]], new: int, seed: int) -> No
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    start(args.threads)
     torch.manual_seed(args.seed)
     hf32 = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**MODEL)).float().eval()
     with tempfile.TemporaryDirectory() as folder:

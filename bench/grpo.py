@@ -149,8 +149,7 @@ def pocketr1_worker(conn, spec: dict) -> None:
 
 
 def trl_worker(conn, spec: dict) -> None:
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
+    common.start(spec["threads"])
     import datasets
     import transformers
     from trl import GRPOConfig, GRPOTrainer
@@ -158,8 +157,6 @@ def trl_worker(conn, spec: dict) -> None:
     from pocketr1.tasks.rewards import accuracy_reward, format_reward
     from pocketr1.tokenizer import ChatTokenizer
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore")
     folder = Path(spec["folder"])
@@ -238,14 +235,9 @@ def trl_worker(conn, spec: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import transformers
-
+    common.start(args.threads)
     from pocketr1.train.grpo import draw_problems
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     info = common.machine()
     print(common.describe(info))
     n_steps = 1 + args.rounds * args.steps_per_round + args.profile  # --profile: one more, untimed

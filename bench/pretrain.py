@@ -132,10 +132,7 @@ def worker(conn, spec: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    common.start(args.threads)
     info = common.machine()
     print(common.describe(info))
     cpu = torch.device("cpu")
