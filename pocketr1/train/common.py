@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pocketr1.engine.generate import native_bf16
 from pocketr1.errors import UserError
 from pocketr1.fsutil import read_json, recover_dir, write_dir, write_text
 from pocketr1.model import ModelConfig, Transformer, build_model, load_model
@@ -42,16 +43,7 @@ def bf16_is_fast(device: torch.device) -> bool:
     """bf16 matmuls pay on CUDA and on CPUs with AVX512-BF16 or AMX (about 2-4x fp32 here)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and _cpu_has("avx512_bf16")
-    return False
-
-
-def _cpu_has(flag: str) -> bool:
-    try:
-        return flag in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return native_bf16(device)  # the same CPU check generation uses
 
 
 def autocast(device: torch.device, dtype: str):
