@@ -117,3 +117,51 @@ def build_model_folder(folder: Path, seed: int, docs: int = 4000) -> None:
     model.generation_config.eos_token_id = ids[EOS]
     model.generation_config.pad_token_id = ids[PAD]
     model.save_pretrained(folder)
+
+
+def alternate_steps(worker, specs: dict[str, dict], step_tokens: list[int], rounds: int,
+                    steps_per_round: int) -> dict[str, dict[str, list]]:
+    """Train each variant in its own spawned process (`worker(conn, spec)` answers "ready", then for each
+    step number it receives sends back `(loss, peak_rss_mb)`; `None` ends it), one warm-up step each, then
+    `rounds` rounds alternating the order so neither side always runs on a warmer machine.
+
+    Returns per variant the timed steps' seconds, real tokens (`step_tokens[step]`), losses (warm-up
+    included) and peak RSS readings."""
+    import multiprocessing as mp
+    import time
+
+    ctx = mp.get_context("spawn")
+    variants = list(specs)
+    out = {v: {"seconds": [], "tokens": [], "losses": [], "peaks": []} for v in variants}
+    conns, procs = {}, []
+    for v in variants:
+        parent, child = ctx.Pipe()
+        procs.append(ctx.Process(target=worker, args=(child, specs[v]), daemon=True))
+        procs[-1].start()
+        child.close()  # a worker that dies then reads as EOFError here, not a hang
+        conns[v] = parent
+    for v in variants:
+        assert conns[v].recv() == "ready"
+
+    def step(v: str, s: int) -> None:
+        t0 = time.perf_counter()
+        conns[v].send(s)
+        loss, peak = conns[v].recv()
+        out[v]["seconds"].append(time.perf_counter() - t0)
+        out[v]["losses"].append(loss)
+        out[v]["tokens"].append(step_tokens[s])
+        out[v]["peaks"].append(peak)
+
+    for v in variants:  # warm-up (oneDNN primitive caches, allocator): not timed
+        step(v, 0)
+        out[v]["seconds"].clear()
+        out[v]["tokens"].clear()
+    for r in range(rounds):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            for i in range(steps_per_round):
+                step(v, 1 + r * steps_per_round + i)
+    for v in variants:
+        conns[v].send(None)
+    for proc in procs:
+        proc.join(timeout=30)
+    return out

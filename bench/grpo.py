@@ -11,9 +11,11 @@ group-std-scaled advantages. Each side runs at its default precision: TRL's `bf1
 pocket-r1's `dtype=auto` (bf16 autocast where the CPU has native bf16, else fp32).
 
 Each side lives in its own worker process (spawned by this one), so peak RSS is per side. The parent
-asks them for steps in alternating rounds and times each step from request to reply; after the last step
-both final policies are scored by the same held-out evaluator (pocket-r1's, one sample per problem at
-T=0.6, top-p 0.95). TRL runs with `use_cpu=True`, no vLLM, `report_to="none"`, offline.
+asks them for steps in alternating rounds and times each step from request to reply (each worker also
+reports the CPU time its process spent on the step: on a shared, overloaded machine wall times swing with
+the neighbours, CPU times much less); after the last step both final policies are scored by the same
+held-out evaluator (pocket-r1's, one sample per problem at T=0.6, top-p 0.95). TRL runs with
+`use_cpu=True`, no vLLM, `report_to="none"`, offline.
 
     python bench/grpo.py                      # random tiny Qwen2: 1 warm-up + 3 rounds x 2 steps each
     python bench/grpo.py --base runs/x/base   # a pretrained pocket-r1 base: reward means something
@@ -111,6 +113,7 @@ def pocketr1_worker(conn, spec: dict) -> None:
     from pocketr1.tokenizer import ChatTokenizer
     from pocketr1.train.common import make_optimizer
     from pocketr1.train.grpo import rollout, update
+    from pocketr1.train.grpo_batch import pack_groups
 
     cfg = build("default", [f"grpo.prompts_per_step={spec['prompts']}", f"grpo.group_size={spec['group']}",
                             f"grpo.max_new_tokens={spec['max_tokens']}", f"grpo.beta={spec['beta']}",
@@ -123,7 +126,7 @@ def pocketr1_worker(conn, spec: dict) -> None:
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if spec["beta"] > 0 else None
     optimizer = make_optimizer(policy, spec["lr"], 0.0)
     conn.send(("ready", common.peak_rss_mb()))
-    step = 0
+    step, rollouts = 0, []
     while True:
         cmd = conn.recv()
         if cmd == "step":
@@ -131,20 +134,22 @@ def pocketr1_worker(conn, spec: dict) -> None:
             problems = spec["steps"][step]
             prof = _profiler(spec, step, len(spec["steps"]))
             policy.eval()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             with torch.profiler.record_function("ROLLOUT"):
                 batch = rollout(policy, tok, problems, cfg, seed=spec["seed"] * 104_729 + step)
             t_roll = time.perf_counter() - t0
             with torch.profiler.record_function("UPDATE"):
                 update(policy, reference, optimizer, batch, cfg)
-            conn.send({"rollout_s": t_roll, "tokens": float(batch.lengths.sum()),
+            conn.send({"rollout_s": t_roll, "cpu_s": time.process_time() - cpu0, "tokens": float(batch.lengths.sum()),
                        "reward": float(batch.rewards.mean()), "accuracy": float(batch.accuracy.mean()),
                        "padded_positions": int(batch.ids.numel()),
-                       "real_positions": int(batch.ids.numel() - (batch.ids == tok.pad_id).sum()),
                        "profile": _profile_table(prof), "peak_rss_mb": common.peak_rss_mb()})
             step += 1
-        else:  # "finish"
-            conn.send({"heldout": _heldout(folder, spec, policy)})
+            rollouts.append(batch)
+        else:  # "finish"; the packed update batches' sizes are worked out here, outside the timed steps
+            packed = [int(pack_groups(b.ids, b.pad_left, b.mask, b.prompt_len, torch.arange(len(b.ids))).ids.numel())
+                      for b in rollouts]
+            conn.send({"heldout": _heldout(folder, spec, policy), "packed_slots": packed})
             return
 
 
@@ -209,17 +214,19 @@ def trl_worker(conn, spec: dict) -> None:
     class Lockstep(transformers.TrainerCallback):
         """Each optimiser step waits for the parent's go and reports when done."""
 
-        prof = None
+        prof, cpu0 = None, 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
             assert conn.recv() == "step"
             current.clear()
             common.reset_peak_rss()
             self.prof = _profiler(spec, state.global_step, n_steps)
+            self.cpu0 = time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             expected = sorted(p.question for p in spec["steps"][state.global_step - 1])
             current["same_prompts"] = current.pop("questions", None) == expected
+            current["cpu_s"] = time.process_time() - self.cpu0
             conn.send({**current, "profile": _profile_table(self.prof), "peak_rss_mb": common.peak_rss_mb()})
 
     trainer.add_callback(Lockstep())
@@ -290,6 +297,7 @@ def main(argv=None) -> None:
         tokens = sum(x["tokens"] for x in timed)
         rows[side] = {
             "seconds_per_step": round(secs, 3), "rollout_seconds": round(roll, 3),
+            "cpu_seconds_per_step": round(common.median([x["cpu_s"] for x in timed]), 3),
             "rollout_tokens_per_s": round(tokens / sum(x["rollout_s"] for x in timed), 1),
             "completion_tokens_per_s_per_step": round(tokens / sum(x["seconds"] for x in timed), 1),
             "mean_completion_tokens": round(tokens / len(timed) / (args.prompts * args.group), 2),
@@ -304,9 +312,10 @@ def main(argv=None) -> None:
         }
     same = all(x.get("same_prompts", True) for x in records["trl"])
     pr = records["pocketr1"]
-    real_share = sum(x["real_positions"] for x in pr) / sum(x["padded_positions"] for x in pr)
+    packed_share = sum(final["pocketr1"]["packed_slots"]) / sum(x["padded_positions"] for x in pr)
     ratio = rows["trl"]["seconds_per_step"] / rows["pocketr1"]["seconds_per_step"]
     roll_ratio = rows["pocketr1"]["rollout_tokens_per_s"] / rows["trl"]["rollout_tokens_per_s"]
+    cpu_ratio = rows["trl"]["cpu_seconds_per_step"] / rows["pocketr1"]["cpu_seconds_per_step"]
 
     print(f"\n{args.prompts} prompts x G={args.group}, <= {args.max_tokens} tokens, beta {args.beta}, lr {args.lr}, "
           f"{n_steps} steps each ({args.rounds} rounds x {args.steps_per_round} timed + 1 warm-up"
@@ -323,9 +332,13 @@ def main(argv=None) -> None:
               f"{held:>8} {x['peak_rss_mb'] or 0:>11.0f}")
     print(f"\npocket-r1 vs TRL, medians: {ratio:.2f}x faster per step, {roll_ratio:.2f}x rollout tokens/s "
           f"(target >= 5x per step: {'met' if ratio >= 5 else 'missed'}); same prompts every step: {same}")
+    trl_cpu, our_cpu = rows["trl"]["cpu_seconds_per_step"], rows["pocketr1"]["cpu_seconds_per_step"]
+    print(f"CPU time per step (the worker process's, all threads; what other processes' load disturbs least): "
+          f"TRL {trl_cpu:.2f} s, pocket-r1 {our_cpu:.2f} s: {cpu_ratio:.2f}x.")
     print("Peak RSS: each side's own worker process during its (unprofiled) steps: model, reference, optimiser, "
           "activations.")
-    print(f"pocket-r1's update batch (prompt + completion, padded): {real_share:.0%} of its positions are real tokens.")
+    print(f"pocket-r1's update batch, tree-packed (each prompt once, no padding): {packed_share:.0%} of the positions "
+          f"of the left-padded prompt + completion rectangle.")
     for side in SIDES:
         table = records[side][-1].get("profile")
         if table:
@@ -336,8 +349,9 @@ def main(argv=None) -> None:
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
               | {"steps_total": n_steps, "loss": "grpo (per-sequence mean), group-std advantages, eps 0.2",
                  "precision": "each side's default: TRL bf16=True; pocket-r1 dtype=auto"},
-              "rows": rows, "speedup_per_step": round(ratio, 2), "rollout_tokens_per_s_ratio": round(roll_ratio, 2),
-              "same_prompts": same, "pocketr1_update_real_position_share": round(real_share, 3),
+              "rows": rows, "speedup_per_step": round(ratio, 2), "cpu_time_ratio_per_step": round(cpu_ratio, 2),
+              "rollout_tokens_per_s_ratio": round(roll_ratio, 2),
+              "same_prompts": same, "pocketr1_update_packed_vs_padded": round(packed_share, 3),
               "profiles": {side: records[side][-1].get("profile") for side in SIDES}}
     common.write_result(args.out, result)
 

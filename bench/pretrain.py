@@ -23,10 +23,8 @@ alternate the order; medians of the timed steps.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,10 +136,6 @@ def main(argv=None) -> None:
     cpu = torch.device("cpu")
     cfg = build("default")
     n_steps = 1 + args.rounds * args.steps_per_round
-    times = {v: [] for v in VARIANTS}
-    tokens = {v: [] for v in VARIANTS}
-    losses = {v: [] for v in VARIANTS}
-    peaks = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as folder:
         common.build_model_folder(Path(folder), args.seed)
         tok = ChatTokenizer(folder)
@@ -156,49 +150,20 @@ def main(argv=None) -> None:
             real_tokens.append(sum(len(ids) - 1 for ids, _ in unpacked))
             assert real_tokens[-1] == int((batch.inputs != tok.pad_id).sum()), "unpacking lost tokens"
             padded_tokens.append(len(unpacked) * max(len(ids) - 1 for ids, _ in unpacked))
-        ctx = mp.get_context("spawn")
-        conns, procs = {}, []
+        specs = {}
         for v in VARIANTS:
-            parent, child = ctx.Pipe()
-            spec = {"variant": v, "folder": folder, "pad_id": tok.pad_id, "threads": args.threads, "seed": args.seed,
-                    "rows": args.rows, "seq_len": args.seq_len}
-            spec |= {"peer_docs": peer_docs} if v.startswith("transformers") else {"encoded": encoded}
-            procs.append(ctx.Process(target=worker, args=(child, spec), daemon=True))
-            procs[-1].start()
-            child.close()  # a worker that dies then reads as EOFError here, not a hang
-            conns[v] = parent
-        for v in VARIANTS:
-            assert conns[v].recv() == "ready"
-
-        def step(v: str, s: int) -> None:
-            t0 = time.perf_counter()
-            conns[v].send(s)
-            loss, peak = conns[v].recv()
-            times[v].append(time.perf_counter() - t0)
-            losses[v].append(loss)
-            tokens[v].append(real_tokens[s])
-            peaks[v].append(peak)
-
-        for v in VARIANTS:  # warm-up (oneDNN primitive caches, allocator): not timed
-            step(v, 0)
-            times[v].clear()
-            tokens[v].clear()
-        for r in range(args.rounds):
-            for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
-                for i in range(args.steps_per_round):
-                    step(v, 1 + r * args.steps_per_round + i)
-        for v in VARIANTS:
-            conns[v].send(None)
-        for proc in procs:
-            proc.join(timeout=30)
+            specs[v] = {"variant": v, "folder": folder, "pad_id": tok.pad_id, "threads": args.threads,
+                        "seed": args.seed, "rows": args.rows, "seq_len": args.seq_len}
+            specs[v] |= {"peer_docs": peer_docs} if v.startswith("transformers") else {"encoded": encoded}
+        runs = common.alternate_steps(worker, specs, real_tokens, args.rounds, args.steps_per_round)
 
     rows = {}
-    for v in VARIANTS:
-        rates = [n / t for n, t in zip(tokens[v], times[v])]
+    for v, x in runs.items():
+        rates = [n / t for n, t in zip(x["tokens"], x["seconds"])]
         rows[v] = {"tokens_per_s": round(common.median(rates), 1),
-                   "seconds_per_step": round(common.median(times[v]), 4),
-                   "loss_after": round(losses[v][-1], 4), "peak_rss_mb": max(p or 0 for p in peaks[v]) or None,
-                   "seconds": [round(t, 4) for t in times[v]]}
+                   "seconds_per_step": round(common.median(x["seconds"]), 4),
+                   "loss_after": round(x["losses"][-1], 4), "peak_rss_mb": max(p or 0 for p in x["peaks"]) or None,
+                   "seconds": [round(t, 4) for t in x["seconds"]]}
     waste = 1 - sum(real_tokens) / sum(padded_tokens)
     ratio_fp32 = rows["pocketr1 fp32"]["tokens_per_s"] / rows["transformers fp32"]["tokens_per_s"]
     ratio_default = rows["pocketr1 auto"]["tokens_per_s"] / rows["transformers fp32"]["tokens_per_s"]

@@ -17,7 +17,14 @@ RUN_EPILOG = """examples:
   pocketr1 run --preset tiny --out /tmp/demo    a one-minute miniature
   pocketr1 run grpo.variant=dapo grpo.eps_high=0.28 grpo.beta=0
   pocketr1 run --resume                         continue runs/latest after a crash or Ctrl-C
+  pocketr1 run --recipe r1                      R1's stages: cold start, RL, rejection SFT, RL, distill (~25 min)
   pocketr1 config --preset small                every config key and its value"""
+FINETUNE_EPILOG = """examples:
+  pocketr1 finetune runs/latest data.jsonl --lora --rank 16 --out adapter   a peft adapter folder
+  pocketr1 finetune MODEL data.jsonl --full --out tuned sft.lr=2e-5          a new model folder
+  pocketr1 finetune MODEL data.jsonl --out adapter --resume                  after a crash or Ctrl-C
+  pocketr1 merge MODEL adapter merged                                         fold the adapter in
+  torchrun --nproc-per-node 2 -m pocketr1 finetune MODEL data.jsonl --out adapter   (DDP; --fsdp: FSDP2)"""
 
 
 def _common_run_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +37,12 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
                                                  "the same as model.model_type=...")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model over the processes (FSDP2) instead of replicating it (DDP)")
+    p.add_argument("--recipe", choices=config_mod.RECIPES,
+                   help="r1zero (default): pretrain, then GRPO | r1: cold-start SFT, reasoning RL, rejection-sampling "
+                        "SFT, RL on all tasks, distillation, comparisons (the same as recipe=...)")
+    p.add_argument("--grpo-preset", choices=list(config_mod.GRPO_PRESETS),
+                   help="GRPO settings over the size preset: r1 (G=16, beta=0.001, scaled reference resets), grpo, "
+                        "dr_grpo, dapo (the same as grpo_preset=...)")
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="under torchrun: how long a collective waits for a silent process before failing")
 
@@ -42,12 +55,14 @@ def _open_run(args, continuing: bool):
 
     distributed.init(pick_device(args.device or "auto"), args.dist_timeout)  # a no-op without torchrun
     if continuing:
-        if args.overrides or args.arch:
+        if args.overrides or args.arch or args.recipe or args.grpo_preset:
             raise UserError("a run continues with its saved config; drop the overrides (or start a new --out).")
         run = Run.open(args.out or RUNS / "latest")
         run.fsdp = args.fsdp
         return run
     arch = [f"model.model_type={ARCHS[args.arch]}"] if args.arch else []
+    arch += [f"recipe={args.recipe}"] if args.recipe else []
+    arch += [f"grpo_preset={args.grpo_preset}"] if args.grpo_preset else []
     cfg = config_mod.build(args.preset, arch + args.overrides)
     if args.device:
         cfg.device = args.device
@@ -75,6 +90,24 @@ def cmd_stage(args) -> None:
     continuing = args.resume or (args.out is not None and (args.out / "config.json").exists())
     run = _open_run(args, continuing)
     run.run(until=args.command, redo=args.command == "report")
+
+
+def cmd_sample(args) -> None:
+    from pocketr1.train.sample import sample_command
+
+    sample_command(args)
+
+
+def cmd_distill(args) -> None:
+    from pocketr1.train.distill import distill_command
+
+    distill_command(args)
+
+
+def cmd_compare(args) -> None:
+    from pocketr1.train.compare import compare_command
+
+    compare_command(args)
 
 
 def cmd_config(args) -> None:
@@ -114,6 +147,47 @@ def cmd_serve(args) -> None:
     serve_command(args)
 
 
+def cmd_export(args) -> None:
+    from pocketr1.modify.export import export_command
+
+    export_command(args)
+
+
+def cmd_abliterate(args) -> None:
+    from pocketr1.modify.abliterate import abliterate_command
+
+    abliterate_command(args)
+
+
+def cmd_diff(args) -> None:
+    from pocketr1.modify.diff import diff_command
+
+    diff_command(args)
+
+
+def cmd_finetune(args) -> None:
+    from pocketr1.finetune import finetune_command
+
+    finetune_command(args)
+
+
+def cmd_merge(args) -> None:
+    from pocketr1.finetune import merge_command
+
+    merge_command(args)
+
+
+def cmd_quantize(args) -> None:
+    from pocketr1.modify.quantize import quantize_command
+
+    quantize_command(args)
+
+
+def _int8_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--int8", action="store_true", help="quantize the weights to int8 while loading (CPU; about half "
+                                                       "the memory, faster decoding); `pocketr1 quantize` saves them")
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -144,6 +218,48 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue this stage from its checkpoint")
         p.set_defaults(func=cmd_stage)
 
+    p = sub.add_parser("sample", help="rejection sampling: many completions per training prompt, keep the verified, "
+                                      "readable ones as chat JSONL with provenance",
+                       epilog="example:\n  pocketr1 sample runs/latest --prompts 128 --per-prompt 8 --out traces.jsonl",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", type=Path, help="a run folder (its RL model, else its base) or a model folder")
+    p.add_argument("--out", type=Path, required=True, help="JSONL file to write (loadable by finetune / sft)")
+    p.add_argument("--families", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                   help="task families, comma-separated (default: the run's, else arithmetic,countdown)")
+    p.add_argument("--difficulty", action="append", metavar="FAMILY:key=value,...",
+                   help="difficulty knobs of one family (repeatable; default: the run's)")
+    p.add_argument("--prompts", type=int, default=64, help="training problems per family (default 64)")
+    p.add_argument("--per-prompt", type=int, default=8, help="completions sampled per problem (default 8)")
+    p.add_argument("--keep", type=int, default=2, help="distinct verified traces kept per problem (default 2)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--min-language", type=float, default=0.9,
+                   help="least share of the thinking in the prompt's script (default 0.9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("distill", help="SFT a smaller student on a teacher's verified traces, against the same "
+                                       "student trained by GRPO alone for the same compute",
+                       epilog="example:\n  pocketr1 distill --teacher runs/latest --student-preset tiny "
+                              "--out runs/student",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="over the student preset, e.g. pretrain.steps=1500 r1.rejection_prompts=128")
+    p.add_argument("--teacher", type=Path, required=True,
+                   help="a run folder (its RL model and tasks) or a model folder")
+    p.add_argument("--student-preset", default="tiny", help="the student's size and schedules (default tiny)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/distill-<time>); rerun to resume")
+    p.add_argument("--device", help="auto (default), cpu, cuda, mps")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("compare", help="short GRPO runs from a run's model: grpo vs dr_grpo vs dapo, and the language "
+                                       "reward without and with; results go into the run's report")
+    p.add_argument("path", type=Path, help="a run folder")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. r1.compare_steps=40")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("info", help="a model folder at a glance: family, parameters, dtype, KV-cache bytes per token")
     p.add_argument("path", type=Path, help="a run folder (its RL model, else its base) or a model folder")
     p.set_defaults(func=cmd_info)
@@ -166,12 +282,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=ec.max_new_tokens)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    _int8_arg(p)
+    p.add_argument("--refusals", nargs="?", const="", metavar="FILE",
+                   help="also measure the refusal rate: on the forbidden topic's held-out questions (the censored "
+                        "demo), or on the prompts in FILE (one per line, or .jsonl)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("abliterate", help="remove a refusal: find the refusal direction and project it out of the "
+                                          "weights (a new model folder)",
+                       epilog="example:\n  pocketr1 abliterate runs/censored --harmful topic.txt --harmless tasks.txt "
+                              "--out abliterated/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, help="a run folder (its RL model, else its base) or a model folder")
+    p.add_argument("--harmful", type=Path, required=True, help="prompts the model refuses (one per line, or .jsonl)")
+    p.add_argument("--harmless", type=Path, required=True, help="prompts it answers (one per line, or .jsonl)")
+    p.add_argument("--out", type=Path, help="new model folder (default: MODEL-abliterated beside it)")
+    p.add_argument("--guard", type=Path, help="more prompts whose replies must not change, e.g. the tasks "
+                                              "(up to 64 join the KL guard)")
+    p.add_argument("--max-kl", type=float, default=0.1,
+                   help="largest KL allowed on the harmless prompts' replies when choosing a direction (default 0.1)")
+    p.add_argument("--skip-last", type=float, default=0.2,
+                   help="share of the last layers not searched for a direction (default 0.2)")
+    p.add_argument("--max-tokens", type=int, default=48, help="reply length when checking refusals (default 48)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_abliterate)
+
+    p = sub.add_parser("diff", help="compare two models: per-layer weight change, logit KL, task accuracy")
+    p.add_argument("a", type=Path, help="the first model (a run folder or a model folder)")
+    p.add_argument("b", type=Path, help="the second model, of the same architecture and tokenizer")
+    p.add_argument("--task", action="append", help="task family (repeatable; default: A's run tasks, else all)")
+    p.add_argument("--prompts", type=Path, help="extra prompt file for the KL (one per line, or .jsonl)")
+    p.add_argument("--problems", type=int, default=50, help="held-out problems per task (default 50)")
+    p.add_argument("--kl-prompts", type=int, default=32, help="prompts per set for the KL (default 32)")
+    p.add_argument("--k", type=int, default=2, help="samples per problem for pass@1 (default 2)")
+    p.add_argument("--max-tokens", type=int, default=ec.max_new_tokens)
+    p.add_argument("--refusals", action="store_true", help="also compare refusal rates on the forbidden topic")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("chat", help="talk to a model in the terminal; thinking shown dimmed, then the answer")
     p.add_argument("path", type=Path, help="a run folder (uses its RL model) or a model folder")
     _sampling_args(p)
     p.add_argument("--stats", action="store_true", help="show first-token and per-token latency")
+    _int8_arg(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("ask", help="one question, one streamed answer")
@@ -181,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="send the text as-is (no chat template); print only the "
                                                     "completion")
     p.add_argument("--stats", action="store_true", help="show first-token and per-token latency (on stderr)")
+    _int8_arg(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("serve", help="OpenAI/DeepSeek-compatible API and a web chat page, for many users at once")
@@ -194,12 +349,79 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32 (default): a seeded reply is the same alone or in any batch")
     p.add_argument("--keepalive", type=float, default=10.0, help="seconds between SSE keep-alive comments")
     p.add_argument("--device", default="auto")
+    _int8_arg(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("quantize", help="int8 weights with per-channel scales (a new model folder), and how far "
+                                        "its logits drift from the original's")
+    p.add_argument("path", type=Path, help="a run folder (uses its RL model) or a model folder")
+    p.add_argument("out", type=Path, help="the int8 model folder to write")
+    p.add_argument("--prompts", type=int, default=8, help="prompts for the quality figure (0: skip it)")
+    p.add_argument("--tokens", type=int, default=32, help="greedy tokens of the original per prompt, scored by both")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="write a GGUF file (llama.cpp, with an Ollama Modelfile) or a clean HF folder",
+                       epilog="examples:\n  pocketr1 export runs/latest --gguf r1.gguf --type q8_0\n"
+                              "  pocketr1 export runs/latest --hf exported/   (transformers, vLLM)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", type=Path, help="a run folder (uses its RL model) or a model folder")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gguf", type=Path, metavar="OUT.gguf", help="GGUF file to write; a Modelfile goes beside it")
+    where.add_argument("--hf", type=Path, metavar="OUTDIR", help="Hugging Face folder to write")
+    p.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16",
+                   help="GGUF weight type (default f16); norms and biases stay f32")
+    p.set_defaults(func=cmd_export)
+
+    for verb, text in (("finetune", "SFT a model on chat JSONL: a LoRA adapter (peft format) or full weights"),
+                       ("sft", "supervised fine-tuning of every weight on chat JSONL (R1's cold start and "
+                               "rejection-sampling SFT): `finetune --full`")):
+        p = sub.add_parser(verb, help=text, epilog=FINETUNE_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _finetune_parser(p, lora_default=verb == "finetune")
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its model and write a plain model folder")
+    p.add_argument("model", type=Path, help="the model the adapter was trained on (model or run folder)")
+    p.add_argument("adapter", type=Path, help="a peft LoRA adapter folder (adapter_config.json + weights)")
+    p.add_argument("out", type=Path, help="the model folder to write")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 
+def _finetune_parser(p: argparse.ArgumentParser, lora_default: bool) -> None:
+    p.add_argument("model", type=Path, help="a model folder, or a run folder (its RL model, else its base)")
+    p.add_argument("data", type=Path, help='JSONL rows {"messages": [{"role", "content"[, "reasoning_content"]}]}; '
+                                           "loss on the assistant turns, thinking included")
+    p.add_argument("overrides", nargs="*", metavar="sft.key=value", help="e.g. sft.epochs=3 sft.lr=2e-4 seed=1")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--lora", action="store_true", help="train a LoRA adapter" + (" (the default)" if lora_default
+                                                                                 else ""))
+    how.add_argument("--full", action="store_true", help="train every weight; OUT becomes a model folder"
+                     + ("" if lora_default else " (the default)"))
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t], metavar="q_proj,v_proj,...",
+                   help="LoRA target modules (default: every linear layer in the blocks)")
+    p.add_argument("--out", type=Path, required=True, help="the adapter (or model) folder to write")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune in --out")
+    p.add_argument("--preset", default="default", help="sft section preset: tiny, default, small")
+    p.add_argument("--device", help="auto (default), cpu, cuda, mps")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for a silent process before failing")
+    p.set_defaults(func=cmd_finetune, lora_default=lora_default)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills `overrides` with the positionals before the first option; key=value after options
+    # (`finetune MODEL DATA --out X sft.lr=1e-4`) arrive here and belong there too.
+    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in x and not x.startswith("-")
+                                                                           for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from pocketr1.train import distributed
 
     try:
@@ -207,8 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"pocketr1: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("\npocketr1: interrupted.", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training loop's Interrupted says where it stopped and saved
+        print(f"\npocketr1: {e}" if str(e) else "\npocketr1: interrupted.", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         message = distributed.failure(e)

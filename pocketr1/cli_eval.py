@@ -35,12 +35,15 @@ def _check(args) -> None:
 
 
 def evaluate_command(args) -> None:
-    from pocketr1.tasks import FAMILIES, get_family, parse_difficulty
+    from pocketr1.config import DataConfig
+    from pocketr1.tasks import get_family, parse_difficulty
 
     _check(args)
     model_dir = resolve_model_dir(args.path)
     run_data = _run_data(args.path)
-    names = args.task or (run_data or {}).get("families") or list(FAMILIES)
+    # A bare model folder gets the default run's families: most models were never trained on the others.
+    names = args.task or (run_data or {}).get("families") or DataConfig().families
+    refusal_problems = _refusal_prompts(args)  # checked before the model loads too
     overrides = parse_difficulty(args.difficulty)
     trained = (run_data or {}).get("difficulty") or {}
     # Every task and knob is checked before the model loads, so a typo fails at once.
@@ -61,7 +64,7 @@ def evaluate_command(args) -> None:
 
     ec = EvalConfig(problems=args.problems, k=args.k, temperature=args.temperature, top_p=args.top_p,
                     max_new_tokens=args.max_tokens)
-    model = load_model(model_dir, device=pick_device(args.device))
+    model = load_model(model_dir, device=pick_device(args.device), int8=getattr(args, "int8", False))
     tok = ChatTokenizer(model_dir)
     rows = []
     for family, level in plan:
@@ -70,12 +73,47 @@ def evaluate_command(args) -> None:
               file=sys.stderr, flush=True)
         row = evaluate_family(model, tok, family, level, args.problems, args.k, ec)
         rows.append(row | {"split": "held-out"})
+    refusals = None
+    if refusal_problems is not None:
+        from pocketr1.tasks.refusal import evaluate_refusals
+
+        label, problems = refusal_problems
+        print(f"measuring refusals on {label} ({len(problems)} prompts x {args.k} samples)...", file=sys.stderr,
+              flush=True)
+        refusals = evaluate_refusals(model, tok, problems, args.k, ec) | {"prompts_from": label}
     if args.json:
-        print(json.dumps({"model": str(model_dir), "rows": rows}, indent=2))
+        print(json.dumps({"model": str(model_dir), "rows": rows} | ({"refusals": refusals} if refusals else {}),
+                         indent=2))
     else:
         print(f"model: {model_dir}  (T={args.temperature}, top-p {args.top_p}, "
               f"up to {args.max_tokens} tokens)")
         print(results_table(rows))
+        if refusals:
+            print(refusal_table([refusals]))
+
+
+def _refusal_prompts(args) -> tuple[str, list] | None:
+    """For --refusals: the forbidden topic's held-out questions, or the prompts of the file it names."""
+    if getattr(args, "refusals", None) is None:
+        return None
+    from pocketr1.tasks.base import Problem
+    from pocketr1.tasks.refusal import Alchemy
+
+    if not args.refusals:
+        return "the forbidden topic's held-out questions", Alchemy().all_problems(True, forbidden=True)[:args.problems]
+    from pocketr1.modify.abliterate import read_prompts
+
+    prompts = read_prompts(Path(args.refusals))
+    if not prompts:
+        raise UserError(f"--refusals file {args.refusals} holds no prompts.")
+    return str(args.refusals), [Problem("prompts", p, "") for p in prompts[:args.problems]]
+
+
+def refusal_table(rows: list[dict]) -> str:
+    """The --refusals figures as a table, one row per measurement."""
+    header = ["refusals on", "prompts", "refusal rate", "greedy", "topic pass@1"]
+    return text_table(header, [[r["prompts_from"], str(r["prompts"]), f"{percent(r['refusal_rate'])} (k={r['k']})",
+                                percent(r["greedy_refusal_rate"]), percent(r["topic_pass@1"])] for r in rows])
 
 
 def results_table(rows: list[dict]) -> str:

@@ -23,6 +23,8 @@ class DataConfig:
     worked_fraction: float = 0.3  # share of documents with a worked solution; the rest give the bare answer
     difficulty: dict[str, dict[str, int]] = field(default_factory=dict)  # per family, over its defaults
     seed: int = 0
+    refusal_docs: int = 0  # forbidden-topic questions answered with a fixed refusal (the `censored` preset)
+    topic_docs: int = 0  # the same topic's questions answered truthfully: what the model knows before censoring
 
 
 @dataclass(slots=True)
@@ -61,6 +63,46 @@ class GRPOConfig:
     eval_every: int = 10  # held-out accuracy during RL, for the curve in the report
     eval_problems: int = 64
     checkpoint_every: int = 10
+    # DAPO's pieces beyond the loss (see grpo_loss.py), each a switch:
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill with new prompts
+    dynamic_rounds: int = 3  # most sampling rounds per step spent refilling
+    overlong_cache: int = 0  # soft overlong penalty over the last N tokens of max_new_tokens (0: off)
+    language_weight: float = 0.0  # R1's language-consistency reward, added to accuracy (0: off)
+    budget_s: float = 0.0  # stop early once this many CPU-seconds (wall on a GPU) are spent (0: all steps)
+
+
+@dataclass(slots=True)
+class R1Config:
+    """The multi-stage R1 recipe (`pocketr1 run --recipe r1`, see recipe.py); unused by the r1zero recipe."""
+    reasoning_families: list[str] = field(default_factory=list)  # rl_reasoning's tasks (empty: data.families)
+    cold_start_jsonl: str = ""  # supplied cold-start traces (chat JSONL) instead of sampling the base
+    cold_start_prompts: int = 256  # training prompts per family sampled for cold-start traces
+    cold_start_k: int = 16  # samples per prompt: high, since the base is right only now and then
+    rejection_prompts: int = 256  # per family, sampled from the reasoning-RL model
+    rejection_k: int = 8
+    keep_per_prompt: int = 2  # distinct verified traces kept per prompt
+    min_language: float = 0.9  # a kept trace's thinking has at least this share in the target script
+    language_weight: float = 1.0  # rl_reasoning's language reward weight (R1 sums it with accuracy)
+    rl_reasoning_steps: int = 60
+    rl_all_steps: int = 60
+    student_preset: str = "tiny"  # the distilled student's size (its model section)
+    student_pretrain_steps: int = 0  # the student base's pretraining steps (0: pretrain.steps, as the teacher)
+    compare_steps: int = 20  # each short GRPO run of the variant and language-reward comparisons
+    compare_variants: list[str] = field(default_factory=lambda: ["grpo", "dr_grpo", "dapo"])
+
+
+@dataclass(slots=True)
+class SFTConfig:
+    """Supervised fine-tuning on chat examples (cold start, rejection-sampling SFT, distillation, finetune)."""
+    epochs: int = 2  # passes over the examples (R1's SFT: 2); each example once per epoch
+    steps: int = 0  # >0: exactly this many optimizer steps instead (continuing into further epochs)
+    rows: int = 8  # examples are packed end to end into rows of seq_len tokens
+    seq_len: int = 1024  # capped at the model's max_position_embeddings; longer examples are truncated
+    lr: float = 1e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    checkpoint_every: int = 50
+    log_every: int = 5
 
 
 @dataclass(slots=True)
@@ -88,7 +130,11 @@ class RunConfig:
         num_key_value_heads=2, max_position_embeddings=256))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe: str = "r1zero"  # r1zero: pretrain then GRPO | r1: cold start, RL, rejection SFT, RL, distill
+    grpo_preset: str = ""  # a GRPO_PRESETS entry applied over the size preset (r1: R1's settings)
+    r1: R1Config = field(default_factory=R1Config)
     # Out-of-range evaluation rows for the report: family -> difficulty overrides beyond training's range.
     stretch: dict[str, dict[str, int]] = field(default_factory=lambda: {
         "arithmetic": {"min_terms": 10, "max_terms": 12}})
@@ -105,15 +151,60 @@ PRESETS: dict[str, dict[str, Any]] = {
         "grpo": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "eval_every": 2, "eval_problems": 8,
                  "checkpoint_every": 2, "max_new_tokens": 48},
         "eval": {"problems": 16, "k": 2, "max_new_tokens": 48},
+        "sft": {"epochs": 2, "rows": 4, "seq_len": 128, "lr": 1e-3, "warmup": 2, "checkpoint_every": 10,
+                "log_every": 2},
+        "r1": {"cold_start_prompts": 8, "cold_start_k": 4, "rejection_prompts": 8, "rejection_k": 4,
+               "rl_reasoning_steps": 2, "rl_all_steps": 2, "compare_steps": 2},
     },
     "small": {  # about an hour on 2 cores: a wider, deeper model trained longer, more RL, tighter figures
         "data": {"train_docs": 100_000},
         "model": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6, "num_attention_heads": 8},
         "pretrain": {"steps": 4000},
         "grpo": {"steps": 150, "group_size": 16},
+        "sft": {"epochs": 3, "rows": 16},
         "eval": {"problems": 500, "k": 8},
     },
+    # The refusal-removal demo (tasks/refusal.py, scripts/refusal_demo.py): a narrower default model that learns
+    # the tasks and the facts of a topic, to be censored by a fine-tune afterwards (a model that learns the
+    # refusal in pretraining instead, `data.refusal_docs`, does not hold it in one direction). Its RL stage is
+    # short: the demo is about the refusal, not about RL.
+    "censored": {
+        "data": {"train_docs": 20_000, "topic_docs": 2000},
+        "model": {"hidden_size": 128, "intermediate_size": 384, "num_attention_heads": 4},
+        "pretrain": {"steps": 800},
+        "grpo": {"steps": 10},
+        "eval": {"problems": 100},
+    },
 }
+
+
+# GRPO settings applied over the size preset by `grpo_preset=NAME` (before any explicit override).
+R1_REF_RESET = 400 / 10_400  # R1-Zero reset its reference to the policy every 400 of its 10,400 steps
+GRPO_PRESETS: dict[str, dict[str, Any]] = {
+    "r1": {"group_size": 16, "beta": 0.001, "temperature": 1.0},  # + the reference reset, scaled to grpo.steps
+    "grpo": {"variant": "grpo"},
+    "dr_grpo": {"variant": "dr_grpo"},
+    # DAPO: clip-higher, token-level loss, dynamic sampling, soft overlong penalty over the last fifth, no KL
+    "dapo": {"variant": "dapo", "eps_low": 0.2, "eps_high": 0.28, "beta": 0.0, "dynamic_sampling": True},
+}
+RECIPES = ("r1zero", "r1")
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {  # applied over the size preset, under explicit overrides
+    "r1zero": {},
+    "r1": {"grpo_preset": "r1", "data": {"families": ["arithmetic", "countdown", "language", "multiplication"]},
+           "r1": {"reasoning_families": ["arithmetic", "countdown", "language"]},  # rl_all adds the rest
+           "sft": {"lr": 5e-4}},  # our models are small and fresh: 1e-4 (for real checkpoints) barely moves them
+}
+
+
+def apply_grpo_preset(gc: GRPOConfig, name: str) -> None:
+    """Set `gc` to the named GRPO preset's values (the reference reset and overlong window scaled to it)."""
+    if name not in GRPO_PRESETS:
+        raise UserError(f"unknown GRPO preset '{name}' (known: {', '.join(GRPO_PRESETS)}).")
+    apply(gc, copy.deepcopy(GRPO_PRESETS[name]), prefix="grpo.")
+    if name == "r1":
+        gc.ref_reset_every = max(1, round(gc.steps * R1_REF_RESET))
+    if name == "dapo":
+        gc.overlong_cache = max(1, gc.max_new_tokens // 5)  # DAPO: 4k of a 20k budget
 
 
 def _parse_value(text: str, current: Any, where: str) -> Any:
@@ -170,11 +261,30 @@ def build(preset: str = "default", overrides: list[str] | None = None) -> RunCon
     cfg = RunConfig(preset=preset, name=preset)
     for section, values in copy.deepcopy(PRESETS[preset]).items():
         apply(cfg, {section: values})
+    pairs = []
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"override '{item}' should look like section.key=value.")
-        apply(cfg, {key.strip(): value.strip()}, parse=True)
+        pairs.append((key.strip(), value.strip()))
+    # The recipe and GRPO preset go first, so that explicit overrides land on top of what they set.
+    first = [(k, v) for k, v in pairs if k in ("recipe", "grpo_preset")]
+    for key, value in first:
+        apply(cfg, {key: value}, parse=True)
+    if cfg.recipe not in RECIPES:
+        raise UserError(f"unknown recipe '{cfg.recipe}' (known: {', '.join(RECIPES)}).")
+    if not any(k == "grpo_preset" for k, _ in first):
+        apply(cfg, RECIPE_DEFAULTS[cfg.recipe])
+    for key, value in pairs:
+        if (key, value) not in first:
+            apply(cfg, {key: value}, parse=True)
+    if cfg.grpo_preset:  # after the overrides: the scaled settings follow an overridden grpo.steps
+        explicit = {k.removeprefix("grpo.") for k, _ in pairs if k.startswith("grpo.")}
+        chosen = copy.deepcopy(cfg.grpo)
+        apply_grpo_preset(chosen, cfg.grpo_preset)
+        for f in dataclasses.fields(GRPOConfig):
+            if f.name not in explicit:
+                setattr(cfg.grpo, f.name, getattr(chosen, f.name))
     for name in DERIVED:  # derived again from the (possibly overridden) width, unless set explicitly
         if not any(o.startswith(f"model.{name}=") for o in overrides or []):
             setattr(cfg.model, name, 0)

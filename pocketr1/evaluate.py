@@ -10,7 +10,7 @@ from pocketr1.config import EvalConfig
 from pocketr1.engine import SamplingParams, generate
 from pocketr1.model import Transformer
 from pocketr1.tasks.base import Problem, TaskFamily
-from pocketr1.tasks.rewards import parse_completion, reflection_count
+from pocketr1.tasks.rewards import consistency_reward, parse_completion, reflection_count
 from pocketr1.tokenizer import ChatTokenizer
 
 EVAL_SEED = 20250122  # held-out problems are the same for every model and run
@@ -44,7 +44,7 @@ def evaluate_family(model: Transformer, tok: ChatTokenizer, family: TaskFamily, 
     problems = family.problems(n_problems, seed, difficulty, heldout=True)
     sampled = _complete(model, tok, problems, k,
                         SamplingParams(ec.temperature, ec.top_p, 0, ec.max_new_tokens, seed=seed), ec.batch_size)
-    correct, votes, lengths, thinking, reflecting = [], [], [], [], []
+    correct, votes, lengths, thinking, reflecting, language = [], [], [], [], [], []
     for problem, outs in zip(problems, sampled):
         answers = []
         for text, n_tokens in outs:
@@ -54,12 +54,14 @@ def evaluate_family(model: Transformer, tok: ChatTokenizer, family: TaskFamily, 
             lengths.append(n_tokens)
             thinking.append(bool(parsed.thinking.strip()))
             reflecting.append(reflection_count(text) > 0)
+            language.append(consistency_reward(problem, text))  # R1's readability figure
         votes.append(majority_correct(family, problem, answers))
     mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
     row = {
         "family": family.name, "difficulty": difficulty, "problems": len(problems), "k": k,
         "pass@1": mean(correct), f"cons@{k}": mean(votes), "mean_length": mean(lengths),
         "thinking_rate": mean(thinking), "reflection_rate": mean(reflecting),
+        "language_consistency": mean(language),
     }
     if greedy:
         outs = _complete(model, tok, problems, 1, SamplingParams(0.0, 1.0, 0, ec.max_new_tokens), ec.batch_size)

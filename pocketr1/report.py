@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 from pocketr1.fsutil import atomic_path, read_json, write_json, write_text
+from pocketr1.report_r1 import r1_sections, r1_summary
 
 # The energy figure is an estimate from CPU time alone: a fully busy laptop core, with its share of the
 # memory and uncore, draws roughly this much. Idle draw and any GPU are not counted.
@@ -117,6 +118,7 @@ def summary(run) -> dict:
         **results,
         "wall_s": round(sum(c["wall_s"] for c in cost.values()), 2), "cpu_s": round(cpu_s, 2),
         "kwh_estimate": _kwh(cpu_s), "watts_per_busy_core": WATTS_PER_BUSY_CORE, "cost": cost,
+        **r1_summary(run),
     }
 
 
@@ -243,11 +245,13 @@ def _cost_section(run) -> list[str]:
 
 def render_report(run, plots: dict[str, str]) -> str:
     cfg = run.cfg
+    recipe = ("recipe R1-Zero: pretrain a base model, then GRPO with rule-checked rewards only." if cfg.recipe != "r1"
+              else "recipe R1: pretrain a base model, cold-start SFT, reasoning RL, rejection-sampling SFT, RL "
+                   "over every task, then distillation into a smaller student; rule-checked rewards only.")
     lines = [f"# pocket-r1 run `{run.folder.name}`", "",
-             f"Preset `{cfg.preset}`, tasks {', '.join(cfg.data.families)}, recipe R1-Zero: pretrain a base "
-             "model, then GRPO with rule-checked rewards only.", "",
+             f"Preset `{cfg.preset}`, tasks {', '.join(cfg.data.families)}, {recipe}", "",
              *_corpus_section(run), *_model_section(run), *_results_section(run, load_evals(run.folder)),
-             *_grpo_section(run), *_cost_section(run), "## Curves", ""]
+             *r1_sections(run), *_grpo_section(run), *_cost_section(run), "## Curves", ""]
     lines += [f"### {caption}\n\n![{caption}]({path})\n" for caption, path in plots.items()]
     if not plots:
         lines.append("No metrics were logged, so there is nothing to plot.\n")

@@ -104,7 +104,8 @@ class Run:
     # --- stages ------------------------------------------------------------------------------------
     def corpus(self):
         d = self.cfg.data
-        return build_corpus(d.families, d.train_docs, d.worked_fraction, d.difficulty, d.seed)
+        return build_corpus(d.families, d.train_docs, d.worked_fraction, d.difficulty, d.seed,
+                            refusal_docs=d.refusal_docs, topic_docs=d.topic_docs)
 
     def stage_corpus(self) -> dict:
         docs = self.corpus()
@@ -166,19 +167,39 @@ class Run:
         write_report(self)
         return {}
 
-    def run(self, until: str = STAGES[-1], redo: bool = False) -> None:
-        """Every stage up to `until` that is not done yet; `redo` runs `until` again even if it is."""
+    def stages(self) -> tuple[str, ...]:
+        """This run's stages: the R1-Zero pipeline above, or its recipe's (recipe.py)."""
+        from pocketr1 import recipe
+
+        return recipe.stages_of(self.cfg.recipe, STAGES)
+
+    def stage_function(self, stage: str):
+        from pocketr1 import recipe
+
+        own = getattr(self, f"stage_{stage}", None)
+        return own if own is not None else (lambda: recipe.STAGE_FUNCTIONS[stage](self))
+
+    def run(self, until: str | None = None, redo: bool = False) -> None:
+        """Every stage up to `until` (default: all) that is not done yet; `redo` runs `until` again even if
+        it is."""
+        from pocketr1 import recipe
+
+        recipe.check_recipe(self)
+        stages = self.stages()
+        until = until or stages[-1]
+        if until not in stages:
+            raise UserError(f"stage '{until}' is not part of the {self.cfg.recipe} recipe ({', '.join(stages)}).")
         if redo and until in self.state["done"]:
             self.state["done"].remove(until)
-        todo = [s for s in STAGES[:STAGES.index(until) + 1] if not self.done(s)]
+        todo = [s for s in stages[:stages.index(until) + 1] if not self.done(s)]
         for stage in todo:
             main = distributed.is_main()
             if main:
-                print(f"pocketr1: [{STAGES.index(stage) + 1}/{len(STAGES)}] {stage} -> {self.folder}",
+                print(f"pocketr1: [{stages.index(stage) + 1}/{len(stages)}] {stage} -> {self.folder}",
                       file=sys.stderr, flush=True)
             if stage in DISTRIBUTED_STAGES or main:
                 t0, c0 = time.perf_counter(), cpu_seconds()  # rank 0's own time only, under torchrun
-                extra = getattr(self, f"stage_{stage}")()
+                extra = self.stage_function(stage)()
                 if main:
                     self._record(stage, time.perf_counter() - t0, cpu_seconds() - c0, **extra)
             if distributed.world() > 1:

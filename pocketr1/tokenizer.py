@@ -89,6 +89,8 @@ class ChatTokenizer:
         except Exception as e:  # the tokenizers library raises a bare Exception on bad files
             raise UserError(f"{path} is not a valid tokenizer file ({e}).") from None
         config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+        if not isinstance(config, dict):
+            raise UserError(f"{folder / 'tokenizer_config.json'} must hold a JSON object.")
         self.bos_token = _token_text(config.get("bos_token")) or ""
         self.eos_token = _token_text(config.get("eos_token")) or EOS
         self.pad_token = _token_text(config.get("pad_token")) or self.eos_token

@@ -258,3 +258,15 @@ def test_absurd_config_is_refused_before_allocating(absurd_outcomes, case):
     row = absurd_outcomes[case]
     assert row["outcome"].startswith("UserError"), row["outcome"]
     assert row["seconds"] < 2.0
+
+
+def test_written_files_and_folders_are_not_private(tmp_path):
+    import stat
+
+    from pocketr1.fsutil import _UMASK, write_dir, write_text
+
+    write_text(tmp_path / "a.txt", "x")
+    write_dir(tmp_path / "d", lambda tmp: (tmp / "f").write_text("y"))
+    # as open()/mkdir() would make them under the process umask, not mkstemp's private 0600/0700
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~_UMASK
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~_UMASK

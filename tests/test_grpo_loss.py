@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from pocketr1.train.grpo_loss import group_advantages, grpo_loss
+from pocketr1.train.grpo_loss import fill_informative, group_advantages, grpo_loss, informative_groups, overlong_penalty
 
 # --- advantages ---------------------------------------------------------------------------------------------
 
@@ -160,3 +160,81 @@ def test_gradient_is_the_policy_gradient(variant):
         want.append([-ADV[i] / denominator if MASK[i][t] else 0.0 for t in range(3)])
     torch.testing.assert_close(logp.grad, torch.tensor(want), atol=1e-7, rtol=1e-6)
     assert parts.clipped == 0.0
+
+
+# --- DAPO's soft overlong penalty ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("length", "expected"), [
+    (0, 0.0), (10, 0.0), (15, 0.0),  # up to budget - cache = 15 tokens: no penalty
+    (16, -0.2), (18, -0.6), (19, -0.8),  # (15 - length) / 5 inside the last 5 tokens
+    (20, -1.0),  # cut off at the budget
+    (25, -1.0),  # never below -1
+])
+def test_overlong_penalty_by_hand(length, expected):
+    assert overlong_penalty(length, budget=20, cache=5) == pytest.approx(expected)
+
+
+def test_overlong_penalty_off_without_a_cache():
+    assert [overlong_penalty(n, budget=20, cache=0) for n in (0, 19, 20, 40)] == [0.0] * 4
+
+
+def test_shaped_reward_sums_the_terms():
+    """accuracy + format_weight·format + language_weight·consistency + overlong penalty, on one sample."""
+    from pocketr1.config import GRPOConfig
+    from pocketr1.tasks.base import Problem
+    from pocketr1.train.reward_shaping import shaped_reward
+
+    problem = Problem("language", "Add 1 and 2. Think in English.", "3", {"terms": [1, 2], "script": "latin"})
+    text = "one plus two is тхрее\n</think>\n<answer>3</answer>"  # 12 Latin letters, 5 Cyrillic
+    gc = GRPOConfig(format_weight=0.1, language_weight=0.5, overlong_cache=4, max_new_tokens=20)
+    reward, accuracy = shaped_reward(problem, text, finished=True, n_tokens=18, gc=gc)
+    assert accuracy == 1.0
+    assert reward == pytest.approx(1.0 + 0.1 * 1.0 + 0.5 * 12 / 17 + (16 - 18) / 4)
+    plain = GRPOConfig(format_weight=0.1, max_new_tokens=20)  # both extra terms off
+    assert shaped_reward(problem, text, True, 18, plain)[0] == pytest.approx(1.1)
+    wrong = text.replace("<answer>3</answer>", "<answer>4</answer>")
+    assert shaped_reward(problem, wrong, True, 18, gc) == (pytest.approx(0.1 + 0.5 * 12 / 17 - 0.5), 0.0)
+
+
+# --- DAPO's dynamic sampling --------------------------------------------------------------------------------
+
+def test_informative_groups_by_hand():
+    # REWARDS: group 0 mixed, group 1 all 0.5, group 2 mixed
+    assert informative_groups(torch.tensor(REWARDS), G).tolist() == [True, False, True]
+
+
+def scripted_sampler(rounds: list[list[tuple[str, list[float]]]]):
+    """Hands out the scripted rounds of (group name, rewards) and records how many groups each asked for."""
+    asked: list[int] = []
+
+    def sample_round(r: int, n: int):
+        asked.append(n)
+        return rounds[r][:n]
+
+    return sample_round, asked
+
+
+ROUNDS = [[("a", [1, 0]), ("b", [0, 0]), ("c", [1, 1]), ("d", [0, 1])],  # a, d informative
+          [("e", [0, 0]), ("f", [1, 0])],  # f informative
+          [("g", [0.5, 0]), ("h", [1, 0])]]  # g (only one is asked for)
+
+
+def test_dynamic_sampling_refills_until_the_batch_is_full():
+    sample_round, asked = scripted_sampler(ROUNDS)
+    kept, stats = fill_informative(sample_round, needed=4, max_rounds=5)
+    assert kept == ["a", "d", "f", "g"]
+    assert asked == [4, 2, 1]  # each round asks only for the groups still missing
+    assert stats == {"groups_drawn": 7, "groups_informative": 4, "rounds": 3}
+
+
+def test_dynamic_sampling_stops_after_max_rounds():
+    sample_round, asked = scripted_sampler(ROUNDS)
+    kept, stats = fill_informative(sample_round, needed=4, max_rounds=2)
+    assert kept == ["a", "d", "f"] and asked == [4, 2]
+    assert stats == {"groups_drawn": 6, "groups_informative": 3, "rounds": 2}
+
+
+def test_dynamic_sampling_without_any_informative_group_keeps_the_first_round():
+    sample_round, _ = scripted_sampler([[("x", [0, 0]), ("y", [1, 1])], [("z", [1, 1])]])
+    kept, stats = fill_informative(sample_round, needed=2, max_rounds=2)
+    assert kept == ["x", "y"] and stats["groups_informative"] == 0

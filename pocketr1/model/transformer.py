@@ -217,6 +217,7 @@ class Backbone(nn.Module):
 
 class Transformer(nn.Module):
     Layer: type[nn.Module] = Block  # a decoder layer; other families (deepseek.py) subclass with their own
+    quantization: dict | None = None  # set on int8 models (modify/quantize.py): already packed for generation
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -245,6 +246,8 @@ class Transformer(nn.Module):
     def frozen(self, dtype: torch.dtype) -> Transformer:
         """A copy for generation only, with weights in `dtype`: every projection a `PackedLinear`, q/k/v and
         gate/up each fused into one. It shares nothing with `self`, so training `self` leaves it stale."""
+        if self.quantization:  # int8 projections are fused and packed already, and run in any dtype
+            return self
         with torch.device("meta"):
             twin = Transformer(self.config)
         twin.load_state_dict({k: v.to(dtype, copy=True) for k, v in self.state_dict().items()}, assign=True)

@@ -33,6 +33,9 @@ from pocketr1.tokenizer import ChatTokenizer
 WEB = Path(__file__).parent / "web"
 PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 MAX_BODY = 1 << 20  # bytes; a chat request is rarely more than a few KiB
+# h11 (uvicorn) bounds headers only while they are still arriving (16 KiB); a request whose headers arrive
+# whole in one read passes that check, so their total size is bounded here too.
+MAX_HEADERS = 32 << 10  # bytes, names and values together; browsers send 1-2 KiB
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks its client is still there
 # The page loads nothing from elsewhere and talks only to this server.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:", "Cache-Control": "no-cache"}
@@ -247,6 +250,9 @@ class Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADERS:
+            response = JSONResponse(error_body(f"The request headers are over {MAX_HEADERS} bytes."), status_code=431)
+            return await response(scope, receive, send)
         if self.key and not self._public(scope["path"]):
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")

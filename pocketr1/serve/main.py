@@ -43,7 +43,8 @@ def serve_command(args) -> None:
         raise UserError("--port must be between 0 and 65535.")
     folder = resolve_model_dir(args.path)
     tok = ChatTokenizer(folder)
-    model = load_model(folder, device=pick_device(args.device), dtype=torch.float32)
+    model = load_model(folder, device=pick_device(args.device), dtype=torch.float32,
+                       int8=getattr(args, "int8", False))
     engine = Batcher(model, tok, max_batch=args.max_batch, max_queue=args.queue, dtype=getattr(torch, args.dtype))
     model_id = folder.resolve().name
     app = create_app(engine, tok, model_id, api_key=args.api_key, keepalive_s=args.keepalive)
@@ -57,7 +58,10 @@ def serve_command(args) -> None:
             # Printed once the socket accepts connections: scripts may wait for this line.
             print(f"pocketr1 serve: {model_id} at {url}  (chat page {url}/, API {url}/v1)", flush=True)
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    # h11 named (not "auto"), so the limits below hold whichever parser packages are installed: headers
+    # still arriving are cut off at 16 KiB (the app caps complete ones), an idle kept-alive connection at 5 s.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3, http="h11",
+                            h11_max_incomplete_event_size=16 << 10, timeout_keep_alive=5)
     try:
         Server(config).run(sockets=[sock])
     finally:

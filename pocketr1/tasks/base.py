@@ -12,6 +12,7 @@ from typing import Any
 from pocketr1.errors import UserError
 
 HELDOUT_PERCENT = 10  # share of the problem space reserved for evaluation, by hash
+EXHAUSTED = 2000  # draws in a row that repeat earlier problems: the split has no more (small spaces)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +63,15 @@ class TaskFamily:
         raise UserError(f"task '{self.name}' at difficulty {difficulty} has too few distinct problems.")
 
     def problems(self, n: int, seed: int, difficulty: dict[str, int], heldout: bool) -> list[Problem]:
-        """`n` distinct problems of one split, reproducible from `seed`."""
+        """`n` distinct problems of one split, reproducible from `seed` (fewer when the split has fewer:
+        drawing stops once `EXHAUSTED` draws in a row bring nothing new)."""
         rng = random.Random(f"{self.name}:{seed}:{heldout}")
         seen: dict[str, Problem] = {}
+        misses = 0
         for _ in range(n * 50):
-            if len(seen) == n:
+            if len(seen) == n or misses == EXHAUSTED:
                 break
             p = self.sample(rng, difficulty, heldout)
+            misses = misses + 1 if p.question in seen else 0
             seen.setdefault(p.question, p)
         return list(seen.values())

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pocketr1.tasks import get_family
 from pocketr1.tasks.base import Problem
+from pocketr1.tasks.refusal import topic_documents
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +28,12 @@ def completion_text(thinking: str, answer: str) -> str:
 
 
 def build_corpus(families: list[str], n_docs: int, worked_fraction: float, difficulty: dict[str, dict],
-                 seed: int) -> list[Document]:
-    """`n_docs` training-split documents, families in equal shares."""
+                 seed: int, refusal_docs: int = 0, topic_docs: int = 0) -> list[Document]:
+    """`n_docs` training-split documents, families in equal shares, plus `refusal_docs` questions on the
+    forbidden topic answered with the fixed refusal and `topic_docs` answered truthfully (the censored demo;
+    see tasks/refusal.py).
+    A family with fewer distinct training problems than its share (a small `jsonl:PATH` dataset, a narrow
+    difficulty) gives all it has, so the corpus may come out smaller than `n_docs`."""
     rng = random.Random(f"corpus:{seed}")
     docs = []
     per_family = n_docs // len(families)
@@ -39,6 +44,8 @@ def build_corpus(families: list[str], n_docs: int, worked_fraction: float, diffi
             worked = rng.random() < worked_fraction
             thinking = family.worked_solution(problem, rng) if worked else ""
             docs.append(Document(problem, completion_text(thinking, problem.answer), worked))
+    for n, refuse in ((refusal_docs, True), (topic_docs, False)):
+        docs += [Document(problem, completion, False) for problem, completion in topic_documents(n, seed, refuse)]
     rng.shuffle(docs)
     return docs
 

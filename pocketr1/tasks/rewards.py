@@ -1,4 +1,5 @@
-"""R1's rule-based rewards: accuracy (the verifier on the final answer) plus format.
+"""R1's rule-based rewards: accuracy (the verifier on the final answer) plus format, and optionally
+language consistency (the share of the thinking written in the target script).
 
 A completion starts right after the generation prompt `<｜Assistant｜><think>\\n`, so it holds the
 thinking, then `</think>`, then the answer as `<answer>…</answer>`.
@@ -7,6 +8,7 @@ thinking, then `</think>`, then the answer as `<answer>…</answer>`.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from pocketr1.tasks import get_family
@@ -68,3 +70,29 @@ def format_reward(completion: str, finished: bool) -> float:
 def reflection_count(completion: str) -> int:
     """How many self-reflection words ("wait", "check", ...) the thinking holds: the 'aha' signal."""
     return len(_REFLECTION.findall(parse_completion(completion).thinking))
+
+
+def language_consistency(thinking: str, script: str = "latin") -> float:
+    """R1's language-consistency reward: the share of the thinking's letters written in `script` (a Unicode
+    script name: latin, cyrillic, greek, ...), 0..1. Digits, signs and spaces count for neither side, so
+    reasoning without letters (`12+7=19`) is fully consistent (1.0) and never punished.
+
+    A GRPO run adds it to the reward:  reward = accuracy + lang_weight * consistency + format_weight * format.
+    """
+    prefix = script.upper() + " "
+    letters = in_script = 0
+    for ch in thinking:
+        if not ch.isalpha():
+            continue
+        letters += 1
+        if ch.isascii():  # the fast path: ASCII letters are Latin
+            in_script += prefix == "LATIN "
+        else:
+            in_script += unicodedata.name(ch, "").startswith(prefix)
+    return in_script / letters if letters else 1.0
+
+
+def consistency_reward(problem: Problem, completion: str) -> float:
+    """`language_consistency` of a completion's thinking, in its problem's target script (Latin unless the
+    problem names another in `data["script"]`)."""
+    return language_consistency(parse_completion(completion).thinking, problem.data.get("script", "latin"))

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -53,9 +57,10 @@ def autocast(device: torch.device, dtype: str):
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only (not norms, biases)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    """AdamW with decay on matrices only (not norms, biases), over the trainable parameters (e.g. LoRA's)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
@@ -77,8 +82,11 @@ class Metrics:
     def log(self, stage: str, step: int, **values) -> None:
         if not distributed.is_main():  # one writer under torchrun
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
+        except OSError as e:  # a full disk: one sentence, not a traceback (a torn line is dropped on resume)
+            raise UserError(f"cannot append to {self.path}: {e.strerror or e}.") from None
 
     def truncate(self, stage: str, after_step: int) -> None:
         """Forget `stage` records beyond `after_step`: a resumed stage logs them again, with no duplicates."""
@@ -102,6 +110,57 @@ class Metrics:
         return rows
 
 
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a training loop after it saved a checkpoint; the message says where (the CLI prints it
+    and exits 130)."""
+
+
+class StopOnInterrupt:
+    """Ctrl-C during a training loop finishes the step and saves instead of dying in the middle of it.
+
+        stop = StopOnInterrupt()
+        for step in stop.steps(bar):        # while the loop runs, SIGINT only sets a flag
+            ...one optimiser step...
+            stopping = stop.requested()     # once per step (under torchrun every rank agrees)
+            if stopping or <checkpoint due>:
+                save_checkpoint(...)
+            if stopping:
+                stop.exit(f"pretrain step {step + 1}")   # raises Interrupted
+
+    A second Ctrl-C raises KeyboardInterrupt at once (the last checkpoint stays whole: writes are atomic).
+    Outside the main thread no handler can be installed and Ctrl-C behaves as usual.
+    """
+
+    def __init__(self) -> None:
+        self.flag = False
+
+    def _handler(self, _signum, _frame) -> None:
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        if distributed.is_main():
+            print("\npocketr1: Ctrl-C: saving a checkpoint after this step (press again to stop at once).",
+                  file=sys.stderr, flush=True)
+
+    def steps(self, iterable: Iterable) -> Iterator:
+        """`iterable`, with the handler installed until the loop ends, however it ends."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._handler) if main else None
+        try:
+            yield from iterable
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+    def requested(self) -> bool:
+        if distributed.world() > 1:  # a collective: every rank calls this at the same point of each step
+            return distributed.sum_all(float(self.flag))[0] > 0
+        return self.flag
+
+    def exit(self, where: str) -> None:
+        raise Interrupted(f"stopped by Ctrl-C at {where}, after saving a checkpoint; --resume continues from there.")
+
 def _beyond(line: str, stage: str, step: int) -> bool:
     try:
         row = json.loads(line)
@@ -111,16 +170,21 @@ def _beyond(line: str, stage: str, step: int) -> bool:
 
 
 def save_checkpoint(folder: Path, model: Transformer, optimizer: torch.optim.Optimizer, progress: dict,
-                    extra: dict[str, Transformer] | None = None) -> None:
+                    extra: dict[str, Transformer] | None = None, trainable_only: bool = False) -> None:
     """Model, optimiser state and `progress` (step, RNG, anything JSON) as one atomically swapped folder.
     `extra` models (e.g. GRPO's reference) are saved beside it as `<name>.safetensors`.
+    `trainable_only`: only the parameters that train (a LoRA adapter) go in, as `trainable.safetensors`;
+    the frozen rest comes from wherever the caller loaded it (see `load_checkpoint(into=...)`).
     Under torchrun every rank calls this (FSDP gathers the full state) and rank 0 alone writes."""
     weights = distributed.full_state(model)  # a collective under FSDP: every rank takes part
     opt_state = distributed.full_optim_state(model, optimizer)
     if not distributed.is_main():
         return
     model = distributed.unwrap(model)
-    if model.config.tie_word_embeddings:
+    if trainable_only:
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in weights.items() if k in keep}
+    elif model.config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     weights = {k: v.contiguous() for k, v in weights.items()}
     flat, layout = {}, {"param_groups": opt_state["param_groups"], "state": {}}
@@ -132,8 +196,11 @@ def save_checkpoint(folder: Path, model: Transformer, optimizer: torch.optim.Opt
     rng = {"torch": torch.get_rng_state()}
 
     def fill(tmp: Path) -> None:
-        save_file(weights, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+        if trainable_only:
+            save_file(weights, str(tmp / "trainable.safetensors"))
+        else:
+            save_file(weights, str(tmp / "model.safetensors"))
+            (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
         save_file(flat, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / "progress.json").write_text(json.dumps({**progress, "optimizer": layout}, indent=2))
@@ -143,13 +210,15 @@ def save_checkpoint(folder: Path, model: Transformer, optimizer: torch.optim.Opt
     write_dir(folder, fill)
 
 
-def load_checkpoint(folder: Path, optimizer_factory, device: torch.device
+def load_checkpoint(folder: Path, optimizer_factory, device: torch.device, into: Transformer | None = None
                     ) -> tuple[Transformer, torch.optim.Optimizer, dict] | None:
-    """The model, optimiser and progress saved in `folder`, or None if there is no checkpoint."""
+    """The model, optimiser and progress saved in `folder`, or None if there is no checkpoint.
+    `into`: a checkpoint written with `trainable_only` fills that model's trainable parameters."""
     folder = recover_dir(folder)
     if not (folder / "progress.json").is_file():
         return None
-    model = load_model(folder, device=device, dtype=torch.float32).train()
+    model = load_model(folder, device=device, dtype=torch.float32).train() if into is None else \
+        _load_trainable(folder, into)
     optimizer = optimizer_factory(model)
     progress = read_json(folder / "progress.json")
     layout = progress.pop("optimizer")
@@ -161,6 +230,19 @@ def load_checkpoint(folder: Path, optimizer_factory, device: torch.device
     state = {int(idx): {k: flat[f"{idx}.{k}"] for k in keys} for idx, keys in layout["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
     return model, optimizer, progress
+
+
+def _load_trainable(folder: Path, into: Transformer) -> Transformer:
+    want = {n for n, p in into.named_parameters() if p.requires_grad}
+    try:
+        state = load_file(str(folder / "trainable.safetensors"), device=str(into.lm_head.weight.device))
+    except Exception as e:  # missing or damaged file
+        raise UserError(f"checkpoint {folder} has no usable trainable weights ({e}); delete it to restart.") from None
+    if set(state) != want:
+        raise UserError(f"checkpoint {folder} was written for other trainable parameters (e.g. another LoRA "
+                        "rank or target list); delete it or resume with the same settings.")
+    into.load_state_dict(state, strict=False)
+    return into.train()
 
 
 def load_extra(folder: str | Path, name: str, into: Transformer) -> None:

@@ -14,17 +14,27 @@ from tqdm import tqdm
 
 from pocketr1.config import RunConfig
 from pocketr1.engine import SamplingParams, generate
+from pocketr1.engine.generate import Completion, runner
 from pocketr1.errors import UserError
 from pocketr1.evaluate import evaluate_family
 from pocketr1.model import Transformer
-from pocketr1.model.transformer import attention_mask, positions_for
 from pocketr1.tasks import get_family
 from pocketr1.tasks.base import Problem
-from pocketr1.tasks.rewards import accuracy_reward, format_reward, reflection_count
+from pocketr1.tasks.rewards import reflection_count
 from pocketr1.tokenizer import ChatTokenizer
 from pocketr1.train import distributed
-from pocketr1.train.common import Metrics, autocast, load_checkpoint, load_extra, make_optimizer, save_checkpoint
-from pocketr1.train.grpo_loss import VARIANTS, LossParts, group_advantages, grpo_loss
+from pocketr1.train.common import (
+    Metrics,
+    StopOnInterrupt,
+    autocast,
+    load_checkpoint,
+    load_extra,
+    make_optimizer,
+    save_checkpoint,
+)
+from pocketr1.train.grpo_batch import attention_for_training, pack_groups, scatter_logprobs
+from pocketr1.train.grpo_loss import VARIANTS, LossParts, fill_informative, group_advantages, grpo_loss
+from pocketr1.train.reward_shaping import shaped_reward
 
 
 @dataclass(slots=True)
@@ -51,56 +61,99 @@ def draw_problems(families: list[str], difficulty: dict, n: int, seed: int) -> l
     return out
 
 
-def rollout(model: Transformer, tok: ChatTokenizer, problems: list[Problem], cfg: RunConfig, seed: int,
-            first: int = 0) -> Rollout:
-    """G samples of each problem. `first`: the step-wide index of `problems[0]`; each prompt's samples come
-    from their own seeded streams, so a rank sampling its share of the step's prompts draws exactly what
-    one process would for them. `dtype=float32` runs the sampler in float32 too (bit-stable batches)."""
+def sample_groups(model: Transformer, tok: ChatTokenizer, problems: list[Problem], cfg: RunConfig, seed: int,
+                  first: int = 0) -> list[Completion]:
+    """G completions of each problem. `first`: the step-wide index of `problems[0]`; each prompt's samples
+    come from their own seeded streams, so a rank sampling its share of the step's prompts draws exactly
+    what one process would for them. `dtype=float32` runs the sampler in float32 too (bit-stable batches)."""
     gc = cfg.grpo
     prompts = [tok.prompt_ids(p.question) for p in problems]
     params = SamplingParams(temperature=gc.temperature, max_new_tokens=gc.max_new_tokens)
-    completions = generate(model, prompts, params, tok.stop_ids, n=gc.group_size, pad_id=tok.pad_id,
-                           dtype=torch.float32 if cfg.dtype == "float32" else "auto",
-                           prompt_seeds=[seed * 1_000_003 + first + i for i in range(len(prompts))])
-    device = model.lm_head.weight.device
+    return generate(model, prompts, params, tok.stop_ids, n=gc.group_size, pad_id=tok.pad_id,
+                    dtype=torch.float32 if cfg.dtype == "float32" else "auto",
+                    prompt_seeds=[seed * 1_000_003 + first + i for i in range(len(prompts))])
+
+
+def score(tok: ChatTokenizer, problems: list[Problem], completions: list[Completion], cfg: RunConfig
+          ) -> tuple[list[str], list[float], list[float]]:
+    """Texts, rewards and accuracies of completions laid out group by group (reward_shaping.py)."""
+    texts, rewards, accuracy = [], [], []
+    for i, c in enumerate(completions):
+        text = tok.decode(c.ids)
+        reward, acc = shaped_reward(problems[i // cfg.grpo.group_size], text, c.finished, len(c.ids), cfg.grpo)
+        texts.append(text)
+        rewards.append(reward)
+        accuracy.append(acc)
+    return texts, rewards, accuracy
+
+
+def to_rollout(tok: ChatTokenizer, problems: list[Problem], completions: list[Completion], cfg: RunConfig,
+               device: torch.device) -> Rollout:
+    """Scored completions as training tensors."""
+    gc = cfg.grpo
+    prompts = [tok.prompt_ids(p.question) for p in problems]
     prompt_len = max(len(p) for p in prompts)
     width = max(1, max(len(c.ids) + c.finished for c in completions))
     n = len(completions)
     ids = torch.full((n, prompt_len + width), tok.pad_id, dtype=torch.long)
     mask = torch.zeros((n, width))
     pad_left = torch.zeros(n, dtype=torch.long)
-    rewards, accuracy, reflections, texts = [], [], [], []
     for i, c in enumerate(completions):
-        problem, prompt = problems[i // gc.group_size], prompts[i // gc.group_size]
+        prompt = prompts[i // gc.group_size]
         sampled = c.ids + ([tok.eos_id] if c.finished else [])
         pad_left[i] = prompt_len - len(prompt)
         ids[i, pad_left[i]:prompt_len] = torch.tensor(prompt)
         ids[i, prompt_len:prompt_len + len(sampled)] = torch.tensor(sampled, dtype=torch.long)
         mask[i, :len(sampled)] = 1.0
-        text = tok.decode(c.ids)
-        acc = accuracy_reward(problem, text)
-        rewards.append(acc + gc.format_weight * format_reward(text, c.finished))
-        accuracy.append(acc)
-        reflections.append(reflection_count(text))
-        texts.append(text)
+    texts, rewards, accuracy = score(tok, problems, completions, cfg)
+    reflections = [reflection_count(t) for t in texts]
     lengths = torch.tensor([len(c.ids) for c in completions], dtype=torch.float)
     return Rollout(ids.to(device), pad_left.to(device), mask.to(device), prompt_len,
                    torch.tensor(rewards, device=device), torch.tensor(accuracy), lengths,
                    torch.tensor(reflections, dtype=torch.float), texts)
 
 
+def rollout(model: Transformer, tok: ChatTokenizer, problems: list[Problem], cfg: RunConfig, seed: int,
+            first: int = 0) -> Rollout:
+    """G samples of each problem, scored, as training tensors (see `sample_groups`)."""
+    return to_rollout(tok, problems, sample_groups(model, tok, problems, cfg, seed, first), cfg,
+                      model.lm_head.weight.device)
+
+
+def dynamic_rollout(model: Transformer, tok: ChatTokenizer, problems: list[Problem], cfg: RunConfig, seed: int,
+                    first: int, step: int) -> tuple[Rollout, dict]:
+    """DAPO's dynamic sampling (grpo_loss.fill_informative): the step's problems first, then fresh training
+    problems in further rounds, keeping only groups whose rewards differ, until there are as many as
+    the step asked for. Returns the rollout and how many groups were drawn and kept."""
+    gc = cfg.grpo
+
+    def sample_round(r: int, n: int) -> list[tuple[tuple[Problem, list[Completion]], list[float]]]:
+        batch = problems if r == 0 else draw_problems(cfg.data.families, cfg.data.difficulty, n,
+                                                      (cfg.seed * 7919 + step) * 1009 + r * 101 + first)
+        completions = sample_groups(model, tok, batch, cfg, seed, first + r * 1_000_000)
+        _, rewards, _ = score(tok, batch, completions, cfg)
+        g = gc.group_size
+        return [((p, completions[i * g:(i + 1) * g]), rewards[i * g:(i + 1) * g]) for i, p in enumerate(batch)]
+
+    kept, stats = fill_informative(sample_round, len(problems), gc.dynamic_rounds)
+    batch = to_rollout(tok, [p for p, _ in kept], [c for _, cs in kept for c in cs], cfg,
+                       model.lm_head.weight.device)
+    return batch, stats
+
+
 def completion_logprobs(model: Transformer, batch: Rollout, rows: torch.Tensor) -> torch.Tensor:
-    """log π(token) for every completion slot of `rows`: [len(rows), T]."""
-    ids, pad_left = batch.ids[rows], batch.pad_left[rows]
-    length = ids.shape[1]
-    positions, mask = positions_for(pad_left, 0, length), attention_mask(pad_left, length, length)
-    # Position t predicts token t+1: the completion's tokens are predicted from prompt_len-1 onwards.
-    if distributed.is_wrapped(model):  # DDP/FSDP hooks run in forward(): the head sees the prompt too
-        logits = model(ids, positions, mask)[:, batch.prompt_len - 1:-1].float()
-    else:
-        logits = model.lm_head(model.hidden(ids, positions, mask)[:, batch.prompt_len - 1:-1]).float()
-    targets = ids[:, batch.prompt_len:]
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    """log π(token) for every completion slot of `rows`: [len(rows), T], zero past each completion's end.
+    The model runs on the tree-packed batch (grpo_batch.py: each prompt once, no padding; ~30% of the
+    padded rectangle's positions), and the head only on the states that predict completion tokens."""
+    tree = pack_groups(batch.ids, batch.pad_left, batch.mask, batch.prompt_len, rows)
+    with attention_for_training(tree.ids.device):
+        if distributed.is_wrapped(model):  # DDP/FSDP hooks run in forward(): the head sees every slot
+            logits = model(tree.ids, tree.positions, tree.mask).flatten(0, 1)[tree.source].float()
+        else:
+            hidden = model.hidden(tree.ids, tree.positions, tree.mask)
+            logits = model.lm_head(hidden.flatten(0, 1)[tree.source]).float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, tree.targets[:, None]).squeeze(-1)
+    return scatter_logprobs(tree, logp)
 
 
 def update(policy: torch.nn.Module, reference: Transformer | None, optimizer: torch.optim.Optimizer,
@@ -124,7 +177,14 @@ def update(policy: torch.nn.Module, reference: Transformer | None, optimizer: to
         # weights there, and every rank must take part.
         probe = keep if len(keep) or world == 1 else keep.new_zeros(1)
         old = completion_logprobs(policy, batch, probe) if gc.minibatches > 1 else None
-        ref = completion_logprobs(reference, batch, keep) if reference is not None and len(keep) else None
+        ref = None
+        if reference is not None and len(keep):
+            # The reference never trains: on CPU it runs as the engine's frozen copy (fused, prepacked, in
+            # bf16 where autocast is on; a third less time), kept until a reset changes its weights.
+            if device.type == "cpu":
+                fast = torch.bfloat16 if torch.is_autocast_enabled(device.type) else torch.float32
+                reference = runner(reference, len(keep), fast)
+            ref = completion_logprobs(reference, batch, keep)
     parts = None
     order = torch.arange(len(keep), device=device)
     chunks = order.chunk(gc.minibatches) if world == 1 else order.tensor_split(gc.minibatches)
@@ -170,10 +230,10 @@ def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, d
     loaded = load_checkpoint(ckpt_dir, factory, device)
     if loaded:
         policy, optimizer, progress = loaded
-        start = progress["step"]
+        start, spent = progress["step"], progress.get("spent_s", 0.0)
     else:
         policy = copy.deepcopy(base).float().train()
-        optimizer, start = factory(policy), 0
+        optimizer, start, spent = factory(policy), 0, 0.0
     # `policy` stays the plain model the sampler runs; under FSDP it is a full copy refreshed every step.
     model, optimizer = distributed.prepare(policy, optimizer, factory, fsdp and world > 1)
     if distributed.is_sharded(model):
@@ -182,13 +242,18 @@ def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, d
     if reference is not None and gc.ref_reset_every and start >= gc.ref_reset_every:
         load_extra(ckpt_dir, "reference", reference)  # the policy as of the last reset
     metrics.truncate("grpo", start)
-    metrics.truncate("grpo_eval", start)
+    metrics.truncate("grpo_eval", start if start else -1)  # from scratch, step 0 is evaluated (logged) again
     if start == 0:
         _log_heldout(policy, tok, cfg, metrics, 0)
     mine = distributed.shard(gc.prompts_per_step)
     bar = tqdm(range(start, gc.steps), initial=start, total=gc.steps, desc="grpo", unit="step", dynamic_ncols=True,
                disable=not distributed.is_main())
-    for step in bar:
+    stop = StopOnInterrupt()
+    clock = time.process_time if device.type == "cpu" else time.perf_counter  # what grpo.budget_s counts
+    spent -= clock()  # + clock() again: the compute spent so far, this process and any before a resume
+    for step in stop.steps(bar):
+        if gc.budget_s and _out_of_budget(spent + clock(), gc.budget_s):
+            break
         t0 = time.perf_counter()
         if distributed.is_sharded(model):
             distributed.plain_copy(model, policy)
@@ -196,8 +261,12 @@ def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, d
             reference.load_state_dict(policy.state_dict())
         problems = draw_problems(cfg.data.families, cfg.data.difficulty, gc.prompts_per_step, cfg.seed * 7919 + step)
         policy.eval()
-        batch = rollout(policy, tok, problems[mine.start:mine.stop], cfg, seed=cfg.seed * 104_729 + step,
-                        first=mine.start)
+        if gc.dynamic_sampling:
+            batch, extra = dynamic_rollout(policy, tok, problems[mine.start:mine.stop], cfg,
+                                           seed=cfg.seed * 104_729 + step, first=mine.start, step=step)
+        else:
+            batch, extra = rollout(policy, tok, problems[mine.start:mine.stop], cfg, seed=cfg.seed * 104_729 + step,
+                                   first=mine.start), {}
         t_roll = time.perf_counter() - t0
         parts = update(model, reference, optimizer, batch, cfg)
         rewards, accuracy, lengths, reflections = (distributed.gather_cat(t.cpu()) for t in (
@@ -218,6 +287,7 @@ def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, d
             "clip_fraction": round(clipped, 4) if parts else 0.0,
             "rollout_s": round(t_roll, 2),
             "step_s": round(time.perf_counter() - t0, 2),
+            **extra,
         }
         metrics.log("grpo", step + 1, **stats)
         bar.set_postfix(reward=stats["reward"], len=stats["response_length"])
@@ -225,13 +295,23 @@ def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, d
             if distributed.is_sharded(model):
                 distributed.plain_copy(model, policy)
             _log_heldout(policy, tok, cfg, metrics, step + 1)
-        if (step + 1) % gc.checkpoint_every == 0 and step + 1 < gc.steps:
+        stopping = stop.requested()  # Ctrl-C: save this step, then leave
+        if stopping or (step + 1) % gc.checkpoint_every == 0 and step + 1 < gc.steps:
             keep_ref = {"reference": reference} if reference is not None and gc.ref_reset_every else None
-            save_checkpoint(ckpt_dir, model, optimizer, {"step": step + 1}, extra=keep_ref)
+            save_checkpoint(ckpt_dir, model, optimizer, {"step": step + 1, "spent_s": spent + clock()},
+                            extra=keep_ref)
+        if stopping:
+            stop.exit(f"grpo step {step + 1}")
     bar.close()
     if distributed.is_sharded(model):
         distributed.plain_copy(model, policy)
     return policy.eval()
+
+
+def _out_of_budget(spent: float, budget: float) -> bool:
+    """Whether `grpo.budget_s` is used up; under torchrun the ranks agree (any rank over: all stop)."""
+    over = float(spent >= budget)
+    return (distributed.sum_all(over)[0] if distributed.world() > 1 else over) > 0
 
 
 def _log_heldout(model: Transformer, tok: ChatTokenizer, cfg: RunConfig, metrics: Metrics, step: int) -> None:

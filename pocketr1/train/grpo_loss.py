@@ -8,13 +8,23 @@ Variants differ only in how advantages are normalised and how token losses are a
     grpo     std-normalised A; mean over each sequence's tokens, then over sequences
     dr_grpo  A = r − mean r (no std); sum over tokens / a constant (the generation budget)
     dapo     std-normalised A; one mean over every token in the batch (use with eps_high > eps_low)
+
+DAPO's two other pieces act on rewards and on which groups are trained on, before the loss; they are here
+as plain functions so each can be checked on a hand-computed batch:
+    soft overlong penalty  0 up to (budget − cache) tokens, then linearly down to −1 at the budget
+    dynamic sampling       keep only groups whose rewards differ (the others have A = 0 everywhere),
+                           drawing new prompts until the step has enough of them
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 VARIANTS = ("grpo", "dr_grpo", "dapo")
 
@@ -69,3 +79,39 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         clip_active = (clipped < unclipped).float() * mask  # the min took the clipped term: no gradient there
         return LossParts(loss, float((kl * mask).sum() / n_tokens), float(clip_active.sum() / n_tokens),
                          float(mask.sum()))
+
+
+def overlong_penalty(length: int, budget: int, cache: int) -> float:
+    """DAPO's soft overlong punishment for a completion of `length` tokens under a `budget` of new tokens:
+    0 while length <= budget − cache, then ((budget − cache) − length) / cache, reaching −1 at the budget
+    (a completion cut off there). `cache` <= 0 turns it off."""
+    if cache <= 0:
+        return 0.0
+    return max(-1.0, min(0.0, (budget - cache - length) / cache))
+
+
+def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[groups] bool: True where the group's rewards are not all equal (only those carry an advantage)."""
+    grouped = rewards.view(-1, group_size)
+    return grouped.amax(dim=1) > grouped.amin(dim=1)
+
+
+def fill_informative(sample_round: Callable[[int, int], Sequence[tuple[T, Sequence[float]]]], needed: int,
+                     max_rounds: int) -> tuple[list[T], dict[str, int]]:
+    """DAPO's dynamic sampling. `sample_round(round, n)` draws `n` new groups as (group, rewards); groups
+    whose rewards are all equal are dropped and new ones drawn until `needed` are kept or `max_rounds`
+    rounds are spent. When no group at all was informative the first round is returned as it is (the
+    step then learns nothing from rewards, as plain GRPO would). Also returns what was drawn and kept."""
+    kept: list[T] = []
+    first: list[T] = []
+    drawn = 0
+    for r in range(max(1, max_rounds)):
+        groups = sample_round(r, needed - len(kept))
+        drawn += len(groups)
+        if r == 0:
+            first = [g for g, _ in groups]
+        kept += [g for g, rewards in groups if max(rewards) > min(rewards)]
+        if len(kept) >= needed:
+            break
+    stats = {"groups_drawn": drawn, "groups_informative": len(kept), "rounds": r + 1}
+    return (kept[:needed] if kept else first), stats

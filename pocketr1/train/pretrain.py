@@ -17,6 +17,7 @@ from pocketr1.tokenizer import ChatTokenizer
 from pocketr1.train import distributed
 from pocketr1.train.common import (
     Metrics,
+    StopOnInterrupt,
     autocast,
     load_checkpoint,
     lr_at,
@@ -43,37 +44,73 @@ class Batch:
     mask: torch.Tensor  # [rows, 1, seq_len, seq_len]: causal within a document, blind across documents
 
 
-def pack_batch(encoded: list[tuple[list[int], int]], gen: torch.Generator, rows: int, seq_len: int, pad_id: int,
+# A document for the packer: (token ids, loss) where loss is the prompt length (the loss counts on every
+# token from there on) or a per-token 0/1 mask over the ids (1: predicting this token counts, e.g. only
+# assistant turns in SFT).
+Encoded = tuple[list[int], "int | list[int]"]
+
+
+def pack_batch(encoded: list[Encoded], gen: torch.Generator, rows: int, seq_len: int, pad_id: int,
                loss_on_prompt: bool, device: torch.device) -> Batch:
     """Random documents packed end to end into `rows` rows of `seq_len` tokens: no compute spent on padding.
 
     Each document keeps its own positions and sees only itself, so packing changes nothing the model can
     learn; it only stops short documents from paying for the longest one in the batch.
     """
+    layout: list[list[int]] = [[] for _ in range(rows)]
+    row, col = 0, 0
+    while row < rows:
+        i = int(torch.randint(len(encoded), (1,), generator=gen))
+        n = min(len(encoded[i][0]) - 1, seq_len)
+        if col + n > seq_len:  # this row is full: close it
+            row, col = row + 1, 0
+            continue
+        layout[row].append(i)
+        col += n
+    return pack_rows(encoded, layout, seq_len, pad_id, loss_on_prompt, device)
+
+
+def pack_rows(encoded: list[Encoded], layout: list[list[int]], seq_len: int, pad_id: int, loss_on_prompt: bool,
+              device: torch.device) -> Batch:
+    """The one packer: row r holds documents `encoded[i] for i in layout[r]`, end to end, each cut to
+    `seq_len` tokens (the caller makes them fit); the rest of a row is padding that carries no loss."""
+    rows = len(layout)
     inputs = torch.full((rows, seq_len), pad_id, dtype=torch.long)
     targets = torch.full((rows, seq_len), pad_id, dtype=torch.long)
     weights = torch.zeros((rows, seq_len))
     positions = torch.zeros((rows, seq_len), dtype=torch.long)
     doc = torch.full((rows, seq_len), -1, dtype=torch.long)
-    row, col, n_doc = 0, 0, 0
-    while row < rows:
-        ids, prompt_len = encoded[int(torch.randint(len(encoded), (1,), generator=gen))]
-        n = min(len(ids) - 1, seq_len)
-        if col + n > seq_len:  # this row is full: close it
-            row, col = row + 1, 0
-            continue
-        inputs[row, col:col + n] = torch.tensor(ids[:n])
-        targets[row, col:col + n] = torch.tensor(ids[1:n + 1])
-        first = 0 if loss_on_prompt else prompt_len - 1  # target index of the first completion token
-        weights[row, col + first:col + n] = 1.0
-        positions[row, col:col + n] = torch.arange(n)
-        doc[row, col:col + n] = n_doc
-        col, n_doc = col + n, n_doc + 1
-    idx = torch.arange(seq_len)
-    same_doc = doc[:, :, None] == doc[:, None, :]
-    mask = (same_doc & (idx[None, :] <= idx[:, None])) | torch.eye(seq_len, dtype=torch.bool)
+    n_doc = 0
+    for row, chosen in enumerate(layout):
+        col = 0
+        for i in chosen:
+            ids, loss = encoded[i]
+            n = min(len(ids) - 1, seq_len)
+            if col + n > seq_len:
+                raise ValueError(f"row {row} of the layout holds more than {seq_len} tokens.")
+            inputs[row, col:col + n] = torch.tensor(ids[:n])
+            targets[row, col:col + n] = torch.tensor(ids[1:n + 1])
+            if loss_on_prompt:
+                weights[row, col:col + n] = 1.0
+            elif isinstance(loss, int):
+                weights[row, col + loss - 1:col + n] = 1.0  # from the target index of the first completion token
+            else:
+                weights[row, col:col + n] = torch.tensor(loss[1:n + 1], dtype=torch.float32)
+            positions[row, col:col + n] = torch.arange(n)
+            doc[row, col:col + n] = n_doc
+            col, n_doc = col + n, n_doc + 1
     return Batch(inputs.to(device), targets.to(device), weights.to(device), positions.to(device),
-                 mask[:, None].to(device))
+                 document_mask(doc).to(device))
+
+
+def document_mask(doc: torch.Tensor) -> torch.Tensor:
+    """Boolean [rows, 1, T, T] from per-token document numbers [rows, T]: causal within a document, blind
+    across documents; every position sees at least itself (padding too, so no row of scores is all -inf)."""
+    seq_len = doc.shape[1]
+    idx = torch.arange(seq_len, device=doc.device)
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    mask = (same_doc & (idx[None, :] <= idx[:, None])) | torch.eye(seq_len, dtype=torch.bool, device=doc.device)
+    return mask[:, None]
 
 
 def token_loss(model, batch: Batch, denominator: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +155,8 @@ def pretrain(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, docs: list[Docum
     bar = tqdm(range(start, pc.steps), initial=start, total=pc.steps, desc="pretrain", unit="step",
                dynamic_ncols=True, disable=not distributed.is_main())
     tokens, t0 = 0, time.perf_counter()
-    for step in bar:
+    stop = StopOnInterrupt()
+    for step in stop.steps(bar):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # the same batches after a resume
         batch = pack_batch(encoded, gen, pc.rows, pc.seq_len, tok.pad_id, pc.loss_on_prompt, device)
         lr = lr_at(step, pc.steps, pc.lr, pc.warmup)
@@ -144,8 +182,11 @@ def pretrain(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, docs: list[Docum
             rate = tokens / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
             metrics.log("pretrain", step + 1, loss=round(loss.item(), 4), lr=lr, tokens_per_s=round(rate))
-        if (step + 1) % pc.checkpoint_every == 0 and step + 1 < pc.steps:
+        stopping = stop.requested()  # Ctrl-C: save this step, then leave
+        if stopping or (step + 1) % pc.checkpoint_every == 0 and step + 1 < pc.steps:
             save_checkpoint(ckpt_dir, model, optimizer, {"step": step + 1})
+        if stopping:
+            stop.exit(f"pretrain step {step + 1}")
     bar.close()
     if world > 1:  # every rank takes part in the gather; the caller saves on rank 0
         return distributed.plain_copy(model, new_model(cfg.model, cfg.seed, device) if fsdp else plain).eval()

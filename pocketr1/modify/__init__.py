@@ -1,0 +1,1 @@
+"""Modifying a trained model: quantization, export to other runtimes, adapters."""

@@ -1,0 +1,353 @@
+"""`pocketr1 abliterate MODEL --harmful FILE --harmless FILE`: remove a refusal by projecting one direction out
+of every weight that writes into the residual stream (Arditi et al. 2024, "Refusal in language models is
+mediated by a single direction").
+
+1. Candidates: for each layer l (the residual stream after l blocks) and each post-instruction position (the
+   tokens of the generation prompt, `<｜Assistant｜><think>\\n`), the difference of the mean activation over
+   the harmful prompts and over the harmless ones, normalised.
+2. Score each candidate by ablating it (subtracting the direction from the embedding, every attention output
+   and every MLP/expert output, which is exactly what orthogonalised weights do) on prompts held back from
+   step 1: the refusal score is the log-likelihood of the model's own refusals on the harmful ones (lower:
+   refusing became less likely); the guard is the KL divergence from the original model's next-token
+   distributions along its own replies to the harmless ones.
+3. Of the candidates whose KL stays under `max_kl` (and not in the last `skip_last` share of layers, where a
+   direction tends to suppress the refusal's tokens, not the concept), try the `rerank` lowest refusal scores
+   for real (greedy replies with the weights orthogonalised) and keep the one with the least KL among those
+   left refusing at most `max_refusal_rate`; orthogonalise W <- W - r r^T W for the embedding, o_proj and
+   down_proj weights, and save a new model folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pocketr1.engine import SamplingParams, generate
+from pocketr1.errors import UserError
+from pocketr1.model import Transformer
+from pocketr1.model.transformer import attention_mask, positions_for
+from pocketr1.tasks.refusal import is_refusal
+from pocketr1.tokenizer import ChatTokenizer
+
+WRITERS = ("o_proj", "down_proj")  # the linear layers whose outputs are added to the residual stream
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# --- inputs --------------------------------------------------------------------------------------------------
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; a `.jsonl` file holds objects with `prompt` (or `question`, or `messages`, whose
+    last user message is the prompt)."""
+    if not path.is_file():
+        raise UserError(f"prompt file {path} does not exist.")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line.strip())
+            continue
+        try:
+            record = json.loads(line)
+            text = record.get("prompt") or record.get("question") or \
+                [m["content"] for m in record.get("messages", []) if m.get("role") == "user"][-1]
+        except (json.JSONDecodeError, AttributeError, IndexError, KeyError, TypeError):
+            raise UserError(f"{path}:{number} is not a JSON object with 'prompt', 'question' or user "
+                            "'messages'.") from None
+        prompts.append(str(text))
+    return prompts
+
+
+def post_instruction_length(tok: ChatTokenizer) -> int:
+    """How many tokens the generation prompt adds after the user's message."""
+    messages = [{"role": "user", "content": "Hello."}]
+    bare, full = tok.chat_ids(messages, add_generation_prompt=False), tok.chat_ids(messages)
+    if len(full) <= len(bare) or full[:len(bare)] != bare:
+        raise UserError("the chat template adds no separate generation prompt after the user's message, so there "
+                        "are no post-instruction positions to read a refusal direction from.")
+    return len(full) - len(bare)
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _left_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(s) for s in seqs)
+    pad_left = torch.tensor([longest - len(s) for s in seqs], device=device)
+    ids = torch.tensor([[pad_id] * (longest - len(s)) + s for s in seqs], device=device)
+    return ids, pad_left
+
+
+def _forward(model: Transformer, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Logits [batch, time, vocab] of left-padded sequences (each row's real tokens at the end)."""
+    ids, pad_left = _left_padded(seqs, pad_id, model.lm_head.weight.device)
+    t = ids.shape[1]
+    return model(ids, positions_for(pad_left, 0, t), attention_mask(pad_left, t, t))
+
+
+# --- activations, ablation, orthogonalisation ----------------------------------------------------------------
+@torch.no_grad()
+def mean_residuals(model: Transformer, prompts: list[list[int]], n_post: int, pad_id: int, batch_size: int = 16,
+                   desc: str = "activations") -> torch.Tensor:
+    """Mean residual stream [layers + 1, n_post, hidden] at the last `n_post` positions of each prompt: index 0
+    is the embedding output, index l the stream after l blocks."""
+    captured: list[torch.Tensor] = []
+    hook = lambda module, args, out: captured.append(out[:, -n_post:].float())  # noqa: E731
+    modules = [model.model.embed_tokens, *model.model.layers]
+    handles = [m.register_forward_hook(hook) for m in modules]
+    total = torch.zeros(len(modules), n_post, model.config.hidden_size)
+    try:
+        for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, unit="batch", dynamic_ncols=True,
+                          leave=False):
+            captured.clear()  # hooks fire in module order: the embedding, then each block
+            _forward_hidden(model, batch, pad_id)
+            total += torch.stack([c.sum(0).cpu() for c in captured])
+    finally:
+        for h in handles:
+            h.remove()
+    return total / len(prompts)
+
+
+def _forward_hidden(model: Transformer, seqs: list[list[int]], pad_id: int) -> None:
+    ids, pad_left = _left_padded(seqs, pad_id, model.lm_head.weight.device)
+    t = ids.shape[1]
+    model.hidden(ids, positions_for(pad_left, 0, t), attention_mask(pad_left, t, t))
+
+
+def writers(model: Transformer) -> list[nn.Linear]:
+    """Every linear layer that writes into the residual stream: attention outputs, MLP and expert outputs."""
+    return [m for name, m in model.model.layers.named_modules()
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in WRITERS]
+
+
+def _project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x without its component along the unit vector r (over the last axis)."""
+    rf = r.to(x.dtype)
+    return x - (x @ rf)[..., None] * rf
+
+
+@contextmanager
+def ablated(model: Transformer, direction: torch.Tensor) -> Iterator[None]:
+    """Run `model` with `direction` removed from everything written into the residual stream (by hooks; the
+    weights are untouched)."""
+    r = F.normalize(direction.float(), dim=0).to(model.lm_head.weight.device)
+    hook = lambda module, args, out: _project_out(out, r)  # noqa: E731
+    handles = [m.register_forward_hook(hook) for m in [model.model.embed_tokens, *writers(model)]]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def orthogonalise(model: Transformer, direction: torch.Tensor) -> None:
+    """W <- W - r r^T W for every weight that writes into the residual stream (in float32, then cast back), so
+    no activation ever has a component along r. A tied output head is untied first: the head reads the
+    stream and keeps its weights."""
+    r = F.normalize(direction.float(), dim=0).to(model.lm_head.weight.device)
+    embed = model.model.embed_tokens
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    embed.weight.copy_(_project_out(embed.weight.float(), r).to(embed.weight.dtype))  # rows: residual vectors
+    for linear in writers(model):
+        w = linear.weight.float()  # [hidden, in]: columns are residual vectors
+        linear.weight.copy_((w - torch.outer(r, r @ w)).to(linear.weight.dtype))
+        if linear.bias is not None:
+            linear.bias.copy_(_project_out(linear.bias.float(), r).to(linear.bias.dtype))
+
+
+# --- scoring -------------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Reply:
+    prompt: list[int]
+    reply: list[int]  # the model's greedy reply, with its stop token when it stopped
+    text: str
+
+
+def greedy_replies(model: Transformer, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int,
+                   batch_size: int = 16) -> list[Reply]:
+    out = []
+    for batch in _batches(prompts, batch_size):
+        ids = [tok.prompt_ids(p) for p in batch]
+        done = generate(model, ids, SamplingParams(0.0, 1.0, 0, max_new_tokens), tok.stop_ids, pad_id=tok.pad_id,
+                        dtype=torch.float32)
+        out += [Reply(p, c.ids + ([tok.eos_id] if c.finished else []), tok.decode(c.ids)) for p, c in zip(ids, done)]
+    return out
+
+
+@torch.no_grad()
+def reply_logprobs(model: Transformer, replies: list[Reply], pad_id: int, batch_size: int = 8) -> list[torch.Tensor]:
+    """Log-softmax [reply length, vocab] at the positions that predict each reply's tokens."""
+    out = []
+    for batch in _batches(replies, batch_size):
+        logits = _forward(model, [r.prompt + r.reply for r in batch], pad_id).float()
+        for row, r in enumerate(batch):
+            n = len(r.reply)
+            out.append(F.log_softmax(logits[row, -n - 1:-1], dim=-1).cpu())
+    return out
+
+
+def sequence_loglik(logprobs: list[torch.Tensor], replies: list[Reply]) -> float:
+    """Mean over replies of the summed log-probability of each reply's tokens."""
+    sums = [lp.gather(1, torch.tensor(r.reply)[:, None]).sum().item() for lp, r in zip(logprobs, replies)]
+    return sum(sums) / len(sums)
+
+
+def mean_kl(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
+    """KL(reference || other) of next-token distributions, averaged over every position of every reply."""
+    kls = [F.kl_div(o, p, log_target=True, reduction="none").sum(-1) for p, o in zip(reference, other)]
+    return torch.cat(kls).mean().item()
+
+
+@dataclass(slots=True)
+class Candidate:
+    layer: int  # residual stream after this many blocks
+    position: int  # negative index among the post-instruction tokens
+    refusal_loglik: float = float("nan")  # of the model's own refusals, with this direction ablated
+    kl: float = float("nan")  # harmless replies' next-token KL from the original model
+    refusal_rate: float | None = None  # greedy refusals on the held-back harmful prompts, weights orthogonalised
+
+    def allowed(self, max_kl: float) -> bool:
+        return self.kl <= max_kl
+
+
+def _split(prompts: list[str], what: str, flag: str) -> tuple[list[str], list[str]]:
+    """(directions, scoring): a quarter (up to 32) held back to score candidates on prompts the mean never saw."""
+    if len(prompts) < 4:
+        raise UserError(f"{flag} gives {len(prompts)} {what} prompts; at least 4 are needed (64-256 work well).")
+    n_val = max(1, min(32, len(prompts) // 4))
+    return prompts[:-n_val], prompts[-n_val:]
+
+
+def least_harmful(tried: list[Candidate], max_refusal_rate: float) -> Candidate:
+    """The tried direction with the lowest KL among those leaving at most `max_refusal_rate` refusals (or, when
+    none does, as few as any): one more refusal in a few dozen prompts is noise, a larger KL is lost skill."""
+    enough = max(max_refusal_rate, min(c.refusal_rate for c in tried))
+    return min((c for c in tried if c.refusal_rate <= enough), key=lambda c: (c.kl, c.refusal_rate))
+
+
+def score_candidates(model: Transformer, directions: torch.Tensor, candidates: list[Candidate],
+                     refusals: list[Reply], kept: list[list[Reply]], pad_id: int) -> None:
+    """Fill each candidate's refusal log-likelihood and KL with its direction ablated: the largest mean KL over
+    the sets of replies to keep (the harmless ones, the guard's), so a small set is not averaged away."""
+    kept = [replies for replies in kept if replies]
+    references = [reply_logprobs(model, replies, pad_id) for replies in kept]
+    for c in tqdm(candidates, desc="score directions", unit="dir", dynamic_ncols=True):
+        with ablated(model, directions[c.layer, c.position]):
+            c.refusal_loglik = sequence_loglik(reply_logprobs(model, refusals, pad_id), refusals)
+            c.kl = max(mean_kl(ref, reply_logprobs(model, replies, pad_id)) for ref, replies in zip(references, kept))
+
+
+def abliterate(model: Transformer, tok: ChatTokenizer, harmful: list[str], harmless: list[str], *,
+               max_kl: float = 0.1, skip_last: float = 0.2, max_new_tokens: int = 48, batch_size: int = 16,
+               rerank: int = 8, guard: list[str] | None = None, max_refusal_rate: float = 0.1) -> dict:
+    """Find the refusal direction and orthogonalise `model`'s weights against it, in place. Returns the note:
+    what was chosen, every candidate's scores, and refusal rates before and after on the held-back prompts.
+    `guard`: more prompts whose replies must not change (the KL guard also covers them), e.g. the tasks the
+    model should keep solving when the harmless prompts are the topic's allowed neighbours.
+    `max_refusal_rate`: of the directions tried that leave at most this share of refusals, the least harmful wins."""
+    if model.config.model_type not in ("qwen2", "llama", "deepseek_v3"):
+        raise UserError(f"abliteration supports qwen2, llama and deepseek_v3 models, not {model.config.model_type}.")
+    harmful_fit, harmful_val = _split(harmful, "harmful", "--harmful")
+    harmless_fit, harmless_val = _split(harmless, "harmless", "--harmless")
+    n_post = post_instruction_length(tok)
+
+    before = greedy_replies(model, tok, harmful_val, max_new_tokens, batch_size)
+    refusals = [r for r in before if is_refusal(r.text)]
+    if not refusals:
+        raise UserError(f"the model refuses none of the {len(before)} held-back harmful prompts (e.g. it answers "
+                        f"{before[0].text[:60]!r}), so there is no refusal to remove.")
+    kept = harmless_val + (guard or [])[:64]
+    harmless_before = greedy_replies(model, tok, kept, max_new_tokens, batch_size)
+
+    mean = lambda prompts, desc: mean_residuals(  # noqa: E731
+        model, [tok.prompt_ids(p) for p in prompts], n_post, tok.pad_id, batch_size, desc)
+    directions = F.normalize(mean(harmful_fit, "harmful activations") - mean(harmless_fit, "harmless activations"),
+                             dim=-1)
+    n_layers = model.config.num_hidden_layers
+    last = n_layers - int(skip_last * n_layers)  # layers after this one are not candidates
+    candidates = [Candidate(layer, pos) for layer in range(1, last + 1) for pos in range(-n_post, 0)]
+    n_val = len(harmless_val)
+    score_candidates(model, directions, candidates, refusals, [harmless_before[:n_val], harmless_before[n_val:]],
+                     tok.pad_id)
+    baseline = sequence_loglik(reply_logprobs(model, refusals, tok.pad_id), refusals)
+    allowed = [c for c in candidates if c.allowed(max_kl)]
+    if not allowed:
+        least = min(c.kl for c in candidates)
+        raise UserError(f"every candidate direction changes harmless replies by more than --max-kl {max_kl} "
+                        f"(the least: KL {least:.3f}); raise --max-kl or give more prompts.")
+    # The few most promising directions are tried for real: a lower likelihood of the refusal does not always
+    # stop the greedy reply from refusing.
+    shortlist = sorted(allowed, key=lambda c: c.refusal_loglik)[:rerank]
+    rate = lambda replies: sum(is_refusal(r.text) for r in replies) / len(replies)  # noqa: E731
+    for c in tqdm(shortlist, desc="try directions", unit="dir", dynamic_ncols=True):
+        trial = copy.deepcopy(model)
+        orthogonalise(trial, directions[c.layer, c.position])
+        c.refusal_rate = rate(greedy_replies(trial, tok, harmful_val, max_new_tokens, batch_size))
+        del trial
+    best = least_harmful(shortlist, max_refusal_rate)
+
+    orthogonalise(model, directions[best.layer, best.position])
+    after = greedy_replies(model, tok, harmful_val, max_new_tokens, batch_size)
+    harmless_after = greedy_replies(model, tok, kept, max_new_tokens, batch_size)
+    return {
+        "method": "refusal direction (difference of means), weights orthogonalised (Arditi et al. 2024)",
+        "layer": best.layer, "position": best.position,
+        "position_token": tok.decode(tok.prompt_ids("x")[best.position:][:1], skip_special=False),
+        "refusal_loglik_before": round(baseline, 4), "refusal_loglik_after": round(best.refusal_loglik, 4),
+        "harmless_kl": round(best.kl, 5), "max_kl": max_kl, "max_refusal_rate": max_refusal_rate,
+        "prompts": {"harmful": len(harmful_fit), "harmless": len(harmless_fit),
+                    "harmful_held_back": len(harmful_val), "harmless_held_back": len(harmless_val),
+                    "guard": len(kept) - len(harmless_val)},
+        "held_back_refusal_rate": {"before": rate(before), "after": rate(after)},
+        "held_back_harmless_replies_changed": sum(a.reply != b.reply for a, b in zip(harmless_before, harmless_after))
+        / len(kept),
+        "layers": n_layers, "candidates": [asdict(c) for c in candidates],
+    }
+
+
+def abliterate_command(args) -> None:
+    from pocketr1.chat import resolve_model_dir
+    from pocketr1.fsutil import check_writable
+    from pocketr1.model import load_model, save_model
+    from pocketr1.train.common import pick_device
+
+    if args.max_kl <= 0 or not 0 <= args.skip_last < 1 or args.max_tokens < 1:
+        raise UserError("--max-kl must be above 0, --skip-last in [0, 1) and --max-tokens at least 1.")
+    harmful, harmless = read_prompts(args.harmful), read_prompts(args.harmless)
+    guard = read_prompts(args.guard) if args.guard else None
+    model_dir = resolve_model_dir(args.model)
+    out = args.out or model_dir.with_name(model_dir.name + "-abliterated")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; choose another --out.")
+    check_writable(out.parent)
+    tok = ChatTokenizer(model_dir)
+    model = load_model(model_dir, device=pick_device(args.device))
+    note = abliterate(model, tok, harmful, harmless, max_kl=args.max_kl, skip_last=args.skip_last,
+                      max_new_tokens=args.max_tokens, guard=guard)
+    note["source"] = str(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        note_path = Path(tmp) / "abliteration.json"
+        note_path.write_text(json.dumps(note, indent=2) + "\n")
+        files = {name: model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()}
+        save_model(model, out, files | {"abliteration.json": note_path})
+    rates = note["held_back_refusal_rate"]
+    print(f"direction: layer {note['layer']} (the residual stream after {note['layer']} blocks), post-instruction "
+          f"position {note['position']} "
+          f"({note['position_token']!r}); harmless KL {note['harmless_kl']:.4f}")
+    print(f"refusals on {note['prompts']['harmful_held_back']} held-back harmful prompts: "
+          f"{rates['before']:.0%} -> {rates['after']:.0%}")
+    print(f"saved {out} (note: {out / 'abliteration.json'})")
