@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help="a run folder (uses its RL model) or a model folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL is printed)")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health and the page")
+    p.add_argument("--api-key", help="require the key on every route but /health: `Authorization: Bearer KEY` "
+                                         "from API clients; the browser asks for it (as a password) for the page")
     p.add_argument("--max-batch", type=int, default=32, help="sequences generated together")
     p.add_argument("--queue", type=int, default=256, help="requests that may wait for a free row (then 429)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

@@ -111,8 +111,9 @@ def _compare_section(run) -> list[str]:
             body.append([weight, _cell(r), "-" if share is None else f"{100 * share:.1f}%",
                          f"{r['mean_length']:.1f}"])
         lines += ["## Language-consistency reward, without and with", "",
-                  "The same short GRPO run on the `language` task family (prompts that tempt mixing scripts in "
-                  "the thinking), without and with R1's reward for the share of the thinking in the target script.",
+                  f"The same short GRPO run from `{next(iter(language.values()))['start']}` on the `language` task "
+                  "family (its corpus reasons in mixed scripts, so the base mixes them too), without and with R1's "
+                  "reward for the share of the thinking in the target script.",
                   "", _table(["language weight", "pass@1 / cons@k", "thinking in target script", "mean length"],
                              body), ""]
     note = read_json(path).get("note")

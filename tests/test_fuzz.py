@@ -5,6 +5,7 @@ reading, which must not hold up anybody else. The bigger run is bench/soak.py.""
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import sys
@@ -73,7 +74,7 @@ def test_schemathesis_cases_never_get_a_5xx(server):
 
 # --- the key ---------------------------------------------------------------------------------------------------
 
-def test_every_api_route_needs_the_key_and_only_health_and_the_page_do_not(server):
+def test_every_route_but_health_needs_the_key(server):
     status, schema = get_json(server.url + "/openapi.json", AUTH)
     assert status == 200
     assert get_json(server.url + "/openapi.json")[0] == 401
@@ -84,8 +85,14 @@ def test_every_api_route_needs_the_key_and_only_health_and_the_page_do_not(serve
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": "Basic x"}):
             status = request(server.url + path, body, headers, method=method)[0]
             assert status == (200 if path == "/health" else 401), (path, method, headers, status)
-    assert request(server.url + "/")[0] == 200  # the page holds no data; it asks for the key
-    assert request(server.url + "/static/app.js")[0] == 200
+    # The page too: a browser gets a Basic challenge, so it prompts for the key (as the password).
+    basic = {"Authorization": "Basic " + base64.b64encode(f"anyone:{KEY}".encode()).decode()}
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"anyone:wrong").decode()}
+    for path in ("/", "/static/app.js"):
+        assert request(server.url + path)[0] == 401
+        assert request(server.url + path, headers=wrong)[0] == 401
+        assert request(server.url + path, headers=basic)[0] == 200
+    assert request(server.url + "/v1/models", headers=basic)[0] == 200  # what the page's own calls then carry
 
 
 def test_the_key_is_compared_in_constant_time():

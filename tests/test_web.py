@@ -43,8 +43,9 @@ def browser():
         browser.close()
 
 
-def open_page(browser, server):
-    page = browser.new_page(viewport={"width": 900, "height": 700})
+def open_page(browser, server, password: str | None = None):
+    login = {"http_credentials": {"username": "me", "password": password}} if password else {}
+    page = browser.new_page(viewport={"width": 900, "height": 700}, **login)
     outside: list[str] = []
     page.on("request", lambda r: None if r.url.startswith((server.url, "data:")) else outside.append(r.url))
     page.goto(server.url + "/")
@@ -86,12 +87,17 @@ def test_question_streams_answer_under_collapsible_thinking(browser, servers, tm
 
 
 def test_settings_key_stop_button(browser, servers, tmp_path):
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import expect
 
     _, rand = servers
-    page, outside = open_page(browser, rand)
-    expect(page.locator("#error")).to_contain_text("API key")  # the server wants one
-    page.click("#settings-toggle")
+    page = browser.new_page()
+    with pytest.raises(PlaywrightError, match="AUTH"):  # --api-key guards the page too: a login with no answer
+        page.goto(rand.url + "/")
+    page.close()
+    page, outside = open_page(browser, rand, password=KEY)  # the prompt answered with the key
+    expect(page.locator("#model")).to_contain_text("rand")  # the page's own API calls carry that login
+    page.click("#settings-toggle")  # a key in the settings is sent as a bearer token instead
     page.fill("#api-key", KEY)
     page.dispatch_event("#api-key", "change")
     expect(page.locator("#model")).to_contain_text("rand")

@@ -8,6 +8,7 @@ Starlette sees the disconnect, and a non-streaming request polls for it while it
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 from pathlib import Path
 
@@ -243,9 +244,18 @@ class Guard:
         self.app, self.max_body = app, max_body
         self.key = api_key.encode() if api_key else None
 
-    def _public(self, path: str) -> bool:
-        # The page itself holds no data: it asks for the key and sends it with each API call.
-        return path in ("/health", "/") or path.startswith("/static/")
+    def _authorized(self, header: bytes) -> bool:
+        """`Bearer KEY` (API clients), or HTTP Basic with KEY as the password: what a browser sends for the
+        page once its built-in login prompt was answered (the user name is not checked)."""
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"basic":
+            try:
+                token = base64.b64decode(token.strip(), validate=True).partition(b":")[2]
+            except ValueError:
+                return False
+        elif scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(token.strip(), self.key)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -253,14 +263,16 @@ class Guard:
         if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADERS:
             response = JSONResponse(error_body(f"The request headers are over {MAX_HEADERS} bytes."), status_code=431)
             return await response(scope, receive, send)
-        if self.key and not self._public(scope["path"]):
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+        path = scope["path"]
+        if self.key and path != "/health" and not self._authorized(dict(scope["headers"]).get(b"authorization", b"")):
+            if path == "/" or path.startswith("/static/"):  # the page: the browser asks for the key itself
+                response = Response("This server needs its API key: enter it as the password.", status_code=401,
+                                    headers={"WWW-Authenticate": 'Basic realm="pocket-r1", charset="UTF-8"'})
+            else:
                 body = error_body("Incorrect or missing API key: send `Authorization: Bearer KEY`.",
                                   code="invalid_api_key")
                 response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, send)
+            return await response(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         # Read the body here, whole, up to the cap; the app then gets it in one message.

@@ -33,6 +33,7 @@ class TaskFamily:
 
     name: str = ""
     defaults: dict[str, int] = {}
+    corpus_worked: float | None = None  # this family's share of worked documents, over data.worked_fraction
 
     def generate(self, rng: random.Random, difficulty: dict[str, int]) -> Problem:
         raise NotImplementedError

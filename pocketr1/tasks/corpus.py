@@ -41,7 +41,8 @@ def build_corpus(families: list[str], n_docs: int, worked_fraction: float, diffi
         family = get_family(name)
         level = family.difficulty(difficulty.get(name))
         for problem in family.problems(per_family, seed, level, heldout=False):
-            worked = rng.random() < worked_fraction
+            draw = rng.random()  # drawn either way, so one family's override leaves the others' documents alone
+            worked = draw < (worked_fraction if family.corpus_worked is None else family.corpus_worked)
             thinking = family.worked_solution(problem, rng) if worked else ""
             docs.append(Document(problem, completion_text(thinking, problem.answer), worked))
     for n, refuse in ((refusal_docs, True), (topic_docs, False)):

@@ -41,6 +41,9 @@ def number_word(n: int) -> str:
 class Language(TaskFamily):
     name = "language"
     defaults = {"min_terms": 2, "max_terms": 4, "max_value": 9, "mixed_percent": 50}
+    # Every document reasons (in mixed scripts): with bare answers the base would rarely think at all, and
+    # there would be no mixing for the language reward to correct.
+    corpus_worked = 1.0
 
     def generate(self, rng: random.Random, difficulty: dict[str, int]) -> Problem:
         n = rng.randint(difficulty["min_terms"], difficulty["max_terms"])

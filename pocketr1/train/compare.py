@@ -8,8 +8,10 @@ on the same seed and the same budget (steps × prompts × samples), each evaluat
   scripts in its thinking) without and with R1's language-consistency reward, scored by held-out pass@1
   and by the share of the thinking in the target script.
 
-The start model is the run's cold-start model when it has one (the r1 recipe's start of reasoning RL), else
-its base. Results go to `compare.json` one entry at a time, so a rerun continues where it stopped.
+The variants start from the run's cold-start model when it has one (the r1 recipe's start of reasoning RL),
+else its base; the language runs always start from the base, which mixes scripts as its corpus did (a
+cold start was trained on single-script traces only, so it would leave the reward nothing to do).
+Results go to `compare.json` one entry at a time, so a rerun continues where it stopped.
 """
 
 from __future__ import annotations
@@ -61,16 +63,16 @@ def run_comparisons(run) -> dict:
     for variant in r1.compare_variants:
         c = stage_config(cfg, r1.compare_steps, eval_every=0)
         apply_grpo_preset(c.grpo, variant)
-        plans.append((f"variant:{variant}", c, list(cfg.data.families)))
+        plans.append((f"variant:{variant}", c, list(cfg.data.families), start))
     if LANGUAGE_FAMILY in cfg.data.families:
         for weight in (0.0, r1.language_weight):
             c = stage_config(cfg, r1.compare_steps, [LANGUAGE_FAMILY], eval_every=0, language_weight=weight)
-            plans.append((f"language:{weight:g}", c, [LANGUAGE_FAMILY]))
+            plans.append((f"language:{weight:g}", c, [LANGUAGE_FAMILY], "base"))
     else:
         results["note"] = "the run has no `language` task, so the language-reward comparison was skipped"
-    for key, c, families in plans:
+    for key, c, families, origin in plans:
         if key not in results["entries"]:
-            results["entries"][key] = _train_and_eval(run, key, start, c, families)
+            results["entries"][key] = _train_and_eval(run, key, origin, c, families)
             write_json(path, results)
     write_json(path, results)
     return results
