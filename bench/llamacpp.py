@@ -31,7 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402, F401  (sets the offline / OpenMP environment before torch starts)
 import torch  # noqa: E402
-from bigmodel import BF16, CACHE, SHAPE, build_bf16, decode_ms  # noqa: E402
+from bigmodel import CACHE, SHAPE, build_bf16, decode_ms  # noqa: E402
+
+BF16 = CACHE / "r1-distill-qwen-1.5b-shape"  # the folder bench/bigmodel.py builds
 from common import RESULTS, describe, machine, median, start, write_result  # noqa: E402
 
 PREFILL = 16
@@ -120,7 +122,7 @@ def main() -> None:
     args.out = args.out or RESULTS / ("llamacpp-quick.json" if args.quick else "llamacpp.json")
     start(args.threads)
     if not (BF16 / "model.safetensors").is_file():
-        build_bf16()
+        build_bf16(BF16, SHAPE)
     from pocketr1.model import load_model
 
     paths = {kind: ensure_gguf(kind) for kind in ("f16", "q8_0")}
@@ -128,14 +130,11 @@ def main() -> None:
     print(describe(info))
     ours = {"bf16": load_model(BF16)}
     ours["bf16 packed"] = ours["bf16"].frozen(torch.bfloat16)
-    try:
-        ours["int8"] = load_model(BF16, int8=True)
-    except TypeError:  # a checkout without modify/quantize.py
-        print("pocket-r1's int8 path is not available: Q8_0 is measured without its pair")
+    ours["int8"] = load_model(BF16, int8=True)
     theirs = {"f16": open_llama(paths["f16"], args.threads, args.steps),
               "q8_0": open_llama(paths["q8_0"], args.threads, args.steps)}
     keys = [("llama.cpp", "f16"), ("pocket-r1", "bf16"), ("pocket-r1", "bf16 packed"), ("llama.cpp", "q8_0"),
-            *([("pocket-r1", "int8")] if "int8" in ours else [])]
+            ("pocket-r1", "int8")]
     for engine, name in keys:  # warm-up: weights paged in, kernels chosen
         run_one(engine, name, ours, theirs, 4)
     times = {key: [] for key in keys}

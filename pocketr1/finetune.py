@@ -22,7 +22,7 @@ from pocketr1 import config as config_mod
 from pocketr1.errors import UserError
 from pocketr1.fsutil import check_writable, read_json, write_json
 from pocketr1.model import load_model, save_model
-from pocketr1.model.hf import DTYPES
+from pocketr1.model.hf import DTYPES, refuse_quantized
 from pocketr1.modify import lora
 from pocketr1.tokenizer import ChatTokenizer
 from pocketr1.train import distributed
@@ -77,6 +77,7 @@ def finetune_command(args) -> None:
     device = distributed.local_device(pick_device(settings["device"]))
     set_threads(settings["threads"])
     model_dir = Path(settings["base_model"])
+    refuse_quantized(model_dir, "fine-tuning")
     tok = ChatTokenizer(model_dir)
     examples = load_chat_jsonl(settings["data"])  # bad data fails before OUT is touched
     if distributed.is_main():

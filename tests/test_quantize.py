@@ -156,7 +156,11 @@ def test_cli_quantize_then_ask(folder, tmp_path):
     assert saved.returncode == 0 and on_load.returncode == 0, saved.stderr + on_load.stderr
     assert saved.stdout == on_load.stdout  # quantizing is deterministic: saved or on the fly, the same model
     assert "peak RSS" in saved.stderr
-
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "1+2?"},
+                                             {"role": "assistant", "content": "3"}]}) + "\n")
+    tuned = run_cli("finetune", out, data, "--out", tmp_path / "tuned")
+    assert tuned.returncode == 1 and "holds int8 weights" in tuned.stderr and "Traceback" not in tuned.stderr
 
 
 @pytest.mark.parametrize("case,message", [("exists", "already exists"), ("twice", "already quantized"),

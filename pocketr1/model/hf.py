@@ -143,6 +143,13 @@ def stored_quantization(folder: Path) -> dict | None:
     return quant
 
 
+def refuse_quantized(folder: Path, doing: str) -> None:
+    """Changing weights needs the float checkpoint: int8 rows and their scales are not trainable parameters."""
+    if stored_quantization(folder):
+        raise UserError(f"{folder} holds int8 weights, which cannot be used for {doing}; use the float model it "
+                        "was quantized from (and quantize the result afterwards).")
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                int8: bool = False) -> Transformer:
     """Load a model folder, memory-mapped: tensors already in `dtype` stay views of the file, read only

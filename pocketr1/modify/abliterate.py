@@ -323,6 +323,7 @@ def abliterate_command(args) -> None:
     from pocketr1.chat import resolve_model_dir
     from pocketr1.fsutil import check_writable
     from pocketr1.model import load_model, save_model
+    from pocketr1.model.hf import refuse_quantized
     from pocketr1.train.common import pick_device
 
     if args.max_kl <= 0 or not 0 <= args.skip_last < 1 or args.max_tokens < 1:
@@ -334,6 +335,7 @@ def abliterate_command(args) -> None:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose another --out.")
     check_writable(out.parent)
+    refuse_quantized(model_dir, "abliteration")
     tok = ChatTokenizer(model_dir)
     model = load_model(model_dir, device=pick_device(args.device))
     note = abliterate(model, tok, harmful, harmless, max_kl=args.max_kl, skip_last=args.skip_last,
