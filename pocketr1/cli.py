@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,17 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
                         "dr_grpo, dapo (the same as grpo_preset=...)")
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="under torchrun: how long a collective waits for a silent process before failing")
+
+
+def lazy(target: str):
+    """The verb's function, `module:function`, imported only when that verb runs: `pocketr1 --help` and
+    every other verb start without loading torch, transformers or the server."""
+
+    def run(args) -> None:
+        module, _, name = target.partition(":")
+        getattr(importlib.import_module(module), name)(args)
+
+    return run
 
 
 def _open_run(args, continuing: bool):
@@ -86,24 +98,6 @@ def cmd_stage(args) -> None:
     run.run(until=args.command, redo=args.command == "report")
 
 
-def cmd_sample(args) -> None:
-    from pocketr1.train.sample import sample_command
-
-    sample_command(args)
-
-
-def cmd_distill(args) -> None:
-    from pocketr1.train.distill import distill_command
-
-    distill_command(args)
-
-
-def cmd_compare(args) -> None:
-    from pocketr1.train.compare import compare_command
-
-    compare_command(args)
-
-
 def cmd_config(args) -> None:
     import json
 
@@ -115,30 +109,6 @@ def cmd_info(args) -> None:
     from pocketr1.model.info import describe
 
     print(describe(resolve_model_dir(args.path)))
-
-
-def cmd_eval(args) -> None:
-    from pocketr1.cli_eval import evaluate_command
-
-    evaluate_command(args)
-
-
-def cmd_chat(args) -> None:
-    from pocketr1.chat import chat
-
-    chat(args)
-
-
-def cmd_ask(args) -> None:
-    from pocketr1.chat import ask
-
-    ask(args)
-
-
-def cmd_serve(args) -> None:
-    from pocketr1.serve.main import serve_command
-
-    serve_command(args)
 
 
 def _int8_arg(p: argparse.ArgumentParser) -> None:
@@ -196,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="least share of the thinking in the prompt's script (default 0.9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_sample)
+    p.set_defaults(func=lazy("pocketr1.train.sample:sample_command"))
 
     p = sub.add_parser("distill", help="SFT a smaller student on a teacher's verified traces, against the same "
                                        "student trained by GRPO alone for the same compute",
@@ -210,13 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-preset", default="tiny", help="the student's size and schedules (default tiny)")
     p.add_argument("--out", type=Path, help="output folder (default runs/distill-<time>); rerun to resume")
     p.add_argument("--device", help="auto (default), cpu, cuda, mps")
-    p.set_defaults(func=cmd_distill)
+    p.set_defaults(func=lazy("pocketr1.train.distill:distill_command"))
 
     p = sub.add_parser("compare", help="short GRPO runs from a run's model: grpo vs dr_grpo vs dapo, and the language "
                                        "reward without and with; results go into the run's report")
     p.add_argument("path", type=Path, help="a run folder")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. r1.compare_steps=40")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=lazy("pocketr1.train.compare:compare_command"))
 
     p = sub.add_parser("info", help="a model folder at a glance: family, parameters, dtype, KV-cache bytes per token")
     p.add_argument("path", type=Path, help="a run folder (its RL model, else its base) or a model folder")
@@ -244,14 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refusals", nargs="?", const="", metavar="FILE",
                    help="also measure the refusal rate: on the forbidden topic's held-out questions (the censored "
                         "demo), or on the prompts in FILE (one per line, or .jsonl)")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=lazy("pocketr1.cli_eval:evaluate_command"))
 
     p = sub.add_parser("chat", help="talk to a model in the terminal; thinking shown dimmed, then the answer")
     p.add_argument("path", type=Path, help="a run folder (uses its RL model) or a model folder")
     _sampling_args(p)
     p.add_argument("--stats", action="store_true", help="show first-token and per-token latency")
     _int8_arg(p)
-    p.set_defaults(func=cmd_chat)
+    p.set_defaults(func=lazy("pocketr1.chat:chat"))
 
     p = sub.add_parser("ask", help="one question, one streamed answer")
     p.add_argument("path", type=Path, help="a run folder or a model folder")
@@ -261,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "completion")
     p.add_argument("--stats", action="store_true", help="show first-token and per-token latency (on stderr)")
     _int8_arg(p)
-    p.set_defaults(func=cmd_ask)
+    p.set_defaults(func=lazy("pocketr1.chat:ask"))
 
     p = sub.add_parser("serve", help="OpenAI/DeepSeek-compatible API and a web chat page, for many users at once")
     p.add_argument("path", type=Path, help="a run folder (uses its RL model) or a model folder")
@@ -276,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalive", type=float, default=10.0, help="seconds between SSE keep-alive comments")
     p.add_argument("--device", default="auto")
     _int8_arg(p)
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=lazy("pocketr1.serve.main:serve_command"))
 
     from pocketr1.cli_modify import add_modify_verbs
 

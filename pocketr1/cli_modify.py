@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pocketr1.cli import lazy
 from pocketr1.config import EvalConfig
 
 FINETUNE_EPILOG = """examples:
@@ -13,42 +14,6 @@ FINETUNE_EPILOG = """examples:
   pocketr1 finetune MODEL data.jsonl --out adapter --resume                  after a crash or Ctrl-C
   pocketr1 merge MODEL adapter merged                                         fold the adapter in
   torchrun --nproc-per-node 2 -m pocketr1 finetune MODEL data.jsonl --out adapter   (DDP; --fsdp: FSDP2)"""
-
-
-def cmd_export(args) -> None:
-    from pocketr1.modify.export import export_command
-
-    export_command(args)
-
-
-def cmd_abliterate(args) -> None:
-    from pocketr1.modify.abliterate import abliterate_command
-
-    abliterate_command(args)
-
-
-def cmd_diff(args) -> None:
-    from pocketr1.modify.diff import diff_command
-
-    diff_command(args)
-
-
-def cmd_finetune(args) -> None:
-    from pocketr1.finetune import finetune_command
-
-    finetune_command(args)
-
-
-def cmd_merge(args) -> None:
-    from pocketr1.finetune import merge_command
-
-    merge_command(args)
-
-
-def cmd_quantize(args) -> None:
-    from pocketr1.modify.quantize import quantize_command
-
-    quantize_command(args)
 
 
 def add_modify_verbs(sub) -> None:
@@ -71,7 +36,7 @@ def add_modify_verbs(sub) -> None:
                    help="share of the last layers not searched for a direction (default 0.2)")
     p.add_argument("--max-tokens", type=int, default=48, help="reply length when checking refusals (default 48)")
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_abliterate)
+    p.set_defaults(func=lazy("pocketr1.modify.abliterate:abliterate_command"))
 
     p = sub.add_parser("diff", help="compare two models: per-layer weight change, logit KL, task accuracy")
     p.add_argument("a", type=Path, help="the first model (a run folder or a model folder)")
@@ -85,7 +50,7 @@ def add_modify_verbs(sub) -> None:
     p.add_argument("--refusals", action="store_true", help="also compare refusal rates on the forbidden topic")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    p.set_defaults(func=cmd_diff)
+    p.set_defaults(func=lazy("pocketr1.modify.diff:diff_command"))
 
     p = sub.add_parser("quantize", help="int8 weights with per-channel scales (a new model folder), and how far "
                                         "its logits drift from the original's")
@@ -93,7 +58,7 @@ def add_modify_verbs(sub) -> None:
     p.add_argument("out", type=Path, help="the int8 model folder to write")
     p.add_argument("--prompts", type=int, default=8, help="prompts for the quality figure (0: skip it)")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens of the original per prompt, scored by both")
-    p.set_defaults(func=cmd_quantize)
+    p.set_defaults(func=lazy("pocketr1.modify.quantize:quantize_command"))
 
     p = sub.add_parser("export", help="write a GGUF file (llama.cpp, with an Ollama Modelfile) or a clean HF folder",
                        epilog="examples:\n  pocketr1 export runs/latest --gguf r1.gguf --type q8_0\n"
@@ -105,7 +70,7 @@ def add_modify_verbs(sub) -> None:
     where.add_argument("--hf", type=Path, metavar="OUTDIR", help="Hugging Face folder to write")
     p.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16",
                    help="GGUF weight type (default f16); norms and biases stay f32")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=lazy("pocketr1.modify.export:export_command"))
 
     for verb, text in (("finetune", "SFT a model on chat JSONL: a LoRA adapter (peft format) or full weights"),
                        ("sft", "supervised fine-tuning of every weight on chat JSONL (R1's cold start and "
@@ -118,7 +83,7 @@ def add_modify_verbs(sub) -> None:
     p.add_argument("model", type=Path, help="the model the adapter was trained on (model or run folder)")
     p.add_argument("adapter", type=Path, help="a peft LoRA adapter folder (adapter_config.json + weights)")
     p.add_argument("out", type=Path, help="the model folder to write")
-    p.set_defaults(func=cmd_merge)
+    p.set_defaults(func=lazy("pocketr1.finetune:merge_command"))
 
 
 def _finetune_parser(p: argparse.ArgumentParser, lora_default: bool) -> None:
@@ -143,4 +108,4 @@ def _finetune_parser(p: argparse.ArgumentParser, lora_default: bool) -> None:
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="under torchrun: how long a collective waits for a silent process before failing")
-    p.set_defaults(func=cmd_finetune, lora_default=lora_default)
+    p.set_defaults(func=lazy("pocketr1.finetune:finetune_command"), lora_default=lora_default)
