@@ -165,3 +165,23 @@ def alternate_steps(worker, specs: dict[str, dict], step_tokens: list[int], roun
     for proc in procs:
         proc.join(timeout=30)
     return out
+
+
+def training_step_args(p, name: str, rows: int) -> None:
+    """The options every training-step benchmark shares (bench/pretrain.py, bench/finetune.py)."""
+    p.add_argument("--rows", type=int, default=rows, help=f"packed rows per step (default: {rows})")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed row (default: 256)")
+    p.add_argument("--rounds", type=int, default=4, help="alternating rounds (default: 4)")
+    p.add_argument("--steps-per-round", type=int, default=3, help="steps per variant per round (default: 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 tokens, 1 round of 2 steps")
+    p.add_argument("--out", type=Path, help=f"JSON results (default: bench/results/{name}.json, or "
+                                            f"{name}-quick.json with --quick)")
+
+
+def finish_training_step_args(args, name: str) -> None:
+    """--quick's sizes and the default output path, once the script has parsed its own options too."""
+    if args.quick:
+        args.rows, args.seq_len, args.rounds, args.steps_per_round = 4, 128, 1, 2
+    args.out = args.out or RESULTS / (f"{name}-quick.json" if args.quick else f"{name}.json")

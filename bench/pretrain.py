@@ -45,20 +45,12 @@ LR = 1e-3
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=16, help="packed rows per step (default: 16)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed row (default: 256)")
+    common.training_step_args(p, "pretrain", rows=16)
     p.add_argument("--docs", type=int, default=8000, help="corpus documents (default: 8000)")
-    p.add_argument("--rounds", type=int, default=4, help="alternating rounds (default: 4)")
-    p.add_argument("--steps-per-round", type=int, default=3, help="steps per variant per round (default: 3)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 tokens, 1 round of 2 steps")
-    p.add_argument("--out", type=Path, help="JSON results (default: bench/results/pretrain.json, or "
-                                            "pretrain-quick.json with --quick)")
     args = p.parse_args(argv)
     if args.quick:
-        args.rows, args.seq_len, args.docs, args.rounds, args.steps_per_round = 4, 128, 1000, 1, 2
-    args.out = args.out or common.RESULTS / ("pretrain-quick.json" if args.quick else "pretrain.json")
+        args.docs = 1000
+    common.finish_training_step_args(args, "pretrain")
     return args
 
 
