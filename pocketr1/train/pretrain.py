@@ -122,6 +122,21 @@ def token_loss(model, batch: Batch, denominator: torch.Tensor | None = None) -> 
     return (losses * batch.weights.flatten()).sum() / denominator
 
 
+def train_step(model, optimizer: torch.optim.Optimizer, batch: Batch, denominator: torch.Tensor | None, lr: float,
+               dtype: str) -> torch.Tensor:
+    """One optimiser step on `batch` at learning rate `lr` (gradients clipped to norm 1); its loss, detached.
+    The step of pretraining and of SFT alike: they differ only in which tokens `batch.weights` selects."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(batch.inputs.device, dtype):
+        loss = token_loss(model, batch, denominator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    return loss.detach()
+
+
 def rank_rows(batch: Batch, rows: range) -> Batch:
     """This rank's rows of the global batch (every rank packs the same global batch, then keeps its part)."""
     part = slice(rows.start, rows.stop)
@@ -160,19 +175,13 @@ def pretrain(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, docs: list[Docum
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # the same batches after a resume
         batch = pack_batch(encoded, gen, pc.rows, pc.seq_len, tok.pad_id, pc.loss_on_prompt, device)
         lr = lr_at(step, pc.steps, pc.lr, pc.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        denominator = None
         if world > 1:
             # The mean over every loss token of the global batch: DDP/FSDP average gradients over ranks, so
             # each rank's sum is scaled by world / (global token count) to give one process's gradient.
             denominator = batch.weights.sum().clamp(min=1) / world
             batch = rank_rows(batch, my_rows)
-        with autocast(device, cfg.dtype):
-            loss = token_loss(model, batch, denominator if world > 1 else None)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = train_step(model, optimizer, batch, denominator, lr, cfg.dtype)
         if hasattr(plain, "after_step"):  # e.g. DeepSeek-V3's expert balancing
             plain.after_step()
         tokens += pc.rows * pc.seq_len  # the global batch: tokens/s of the whole job

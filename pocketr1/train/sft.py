@@ -31,13 +31,12 @@ from pocketr1.train import distributed
 from pocketr1.train.common import (
     Metrics,
     StopOnInterrupt,
-    autocast,
     load_checkpoint,
     lr_at,
     make_optimizer,
     save_checkpoint,
 )
-from pocketr1.train.pretrain import Batch, pack_rows, token_loss
+from pocketr1.train.pretrain import pack_rows, train_step
 
 ROLES = ("system", "user", "assistant")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -264,7 +263,7 @@ def sft(model, tok: ChatTokenizer, examples: list[list[dict]], cfg: SFTConfig, c
         # The mean over every loss token of the global batch; under DDP/FSDP gradients are averaged over
         # ranks, so each rank's sum is divided by (global count / world).
         denominator = torch.tensor(max(1, sum(loss_tokens[i] for i in docs)) / world, device=device)
-        loss = _step(model, optimizer, batch, denominator, lr_at(step, len(plan), cfg.lr, cfg.warmup), dtype)
+        loss = train_step(model, optimizer, batch, denominator, lr_at(step, len(plan), cfg.lr, cfg.warmup), dtype)
         if hasattr(plain, "after_step"):  # e.g. DeepSeek-V3's expert balancing
             plain.after_step()
         tokens += sum(real_tokens[i] for i in docs)
@@ -283,16 +282,3 @@ def sft(model, tok: ChatTokenizer, examples: list[list[dict]], cfg: SFTConfig, c
     if world > 1:  # every rank takes part in the gather; the caller saves on rank 0
         return distributed.plain_copy(model, like if like is not None else plain).eval()
     return model.eval()
-
-
-def _step(model, optimizer: torch.optim.Optimizer, batch: Batch, denominator: torch.Tensor, lr: float,
-          dtype: str) -> torch.Tensor:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with autocast(batch.inputs.device, dtype):
-        loss = token_loss(model, batch, denominator)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    optimizer.step()
-    return loss.detach()
