@@ -17,7 +17,7 @@ the neighbours, CPU times much less); after the last step both final policies ar
 held-out evaluator (pocket-r1's, one sample per problem at T=0.6, top-p 0.95). TRL runs with
 `use_cpu=True`, no vLLM, `report_to="none"`, offline.
 
-    python bench/grpo.py                      # random tiny Qwen2: 1 warm-up + 3 rounds x 2 steps each
+    python bench/grpo.py                      # random tiny Qwen2: 1 warm-up + 10 rounds x 2 steps each
     python bench/grpo.py --base runs/x/base   # a pretrained pocket-r1 base: reward means something
     python bench/grpo.py --quick              # smoke run -> results/grpo-quick.json
 """
@@ -50,9 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.001, help="KL weight; >0 loads a reference model (default: "
                                                              "0.001)")
     p.add_argument("--lr", type=float, default=5e-5, help="learning rate (default: 5e-5)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
+    p.add_argument("--rounds", type=int, default=10, help="alternating rounds (default: 10)")
     p.add_argument("--steps-per-round", type=int, default=2, help="steps per side per round (default: 2)")
-    p.add_argument("--eval-problems", type=int, default=64, help="held-out problems scored at the end "
+    p.add_argument("--eval-problems", type=int, default=400, help="held-out problems scored at the end "
                                                                  "(default: 64; 0: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in both workers (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -149,7 +149,8 @@ def pocketr1_worker(conn, spec: dict) -> None:
         else:  # "finish"; the packed update batches' sizes are worked out here, outside the timed steps
             packed = [int(pack_groups(b.ids, b.pad_left, b.mask, b.prompt_len, torch.arange(len(b.ids))).ids.numel())
                       for b in rollouts]
-            conn.send({"heldout": _heldout(folder, spec, policy), "packed_slots": packed})
+            conn.send({"heldout": _heldout(folder, spec, policy), "heldout_before": _heldout(folder, spec),
+                       "packed_slots": packed})
             return
 
 
@@ -330,6 +331,9 @@ def main(argv=None) -> None:
               f"{x['rollout_tokens_per_s']:>13.0f} {x['mean_completion_tokens']:>14.1f} "
               f"{x['reward_last_step']:>11.3f} {x['reward_mean_all_steps']:>11.3f} "
               f"{held:>8} {x['peak_rss_mb'] or 0:>11.0f}")
+    before = final["pocketr1"]["heldout_before"]
+    if before is not None:
+        print(f"held-out pass@1 of the starting model (the same evaluator): {before:.3f}")
     print(f"\npocket-r1 vs TRL, medians: {ratio:.2f}x faster per step, {roll_ratio:.2f}x rollout tokens/s "
           f"(target >= 5x per step: {'met' if ratio >= 5 else 'missed'}); same prompts every step: {same}")
     trl_cpu, our_cpu = rows["trl"]["cpu_seconds_per_step"], rows["pocketr1"]["cpu_seconds_per_step"]
@@ -350,7 +354,7 @@ def main(argv=None) -> None:
               | {"steps_total": n_steps, "loss": "grpo (per-sequence mean), group-std advantages, eps 0.2",
                  "precision": "each side's default: TRL bf16=True; pocket-r1 dtype=auto"},
               "rows": rows, "speedup_per_step": round(ratio, 2), "cpu_time_ratio_per_step": round(cpu_ratio, 2),
-              "rollout_tokens_per_s_ratio": round(roll_ratio, 2),
+              "rollout_tokens_per_s_ratio": round(roll_ratio, 2), "heldout_pass1_before": before,
               "same_prompts": same, "pocketr1_update_packed_vs_padded": round(packed_share, 3),
               "profiles": {side: records[side][-1].get("profile") for side in SIDES}}
     common.write_result(args.out, result)

@@ -89,6 +89,23 @@ def test_frozen_copy_follows_weight_updates(models):
     assert after == [ours(model, [p])[0].ids for p in PROMPTS]  # single rows use the model directly
 
 
+
+def test_frozen_copy_follows_an_optimizer_step(models):
+    """Training's AdamW (fused where it can be) writes the weights in its own kernel; the step must still
+    count as a change of the weights, or a GRPO policy would sample from its first copy forever."""
+    from pocketr1.train.common import make_optimizer
+
+    _, base = models
+    model = copy.deepcopy(base)
+    before = [c.ids for c in ours(model)]
+    optimizer = make_optimizer(model, lr=0.05, weight_decay=0.0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    after = [c.ids for c in ours(model)]
+    assert after != before
+    assert after == [ours(model, [p])[0].ids for p in PROMPTS]
+
 def test_seeded_samples_are_reproducible(models):
     _, model = models
     first = ours(model, temperature=1.0, seed=7, n=3)

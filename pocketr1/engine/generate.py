@@ -13,6 +13,8 @@ explicitly for outputs that don't depend on the batch size through this choice.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +88,32 @@ def runner(model: Transformer, rows: int, dtype: torch.dtype | str = "auto") -> 
     return cached[1]
 
 
+# With OMP_WAIT_POLICY=passive, OpenMP's workers sleep between parallel regions and every region pays a
+# wake-up (70-80 us on a 2-core VM), more than a small model's decode op takes: below this much work per
+# decode step (weights x rows) one thread decodes faster there (`python bench/threads.py`). Without the
+# setting, workers spin a while before sleeping and two threads pay off from far less work.
+PASSIVE_SINGLE_THREAD_WORK = 1e9
+
+
+def decode_threads(model: Transformer, rows: int) -> contextlib.AbstractContextManager:
+    """One thread for generating `rows` rows with `model` when waking a second one would cost more."""
+    passive = os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive"
+    if not passive or torch.get_num_threads() == 1:
+        return contextlib.nullcontext()
+    weights = sum(t.numel() for t in model.state_dict().values())
+    return _threads(1) if weights * rows < PASSIVE_SINGLE_THREAD_WORK else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
              n: int = 1, pad_id: int = 0, on_token: StreamCallback | None = None, *,
@@ -97,6 +125,13 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     (data-parallel GRPO splits a step's prompts over processes and must sample what one process would)."""
     if not prompts:
         return []
+    with decode_threads(model, len(prompts) * n):
+        return _generate(model, prompts, params, stop_ids, n, pad_id, on_token, dtype, prompt_seeds)
+
+
+def _generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int], n: int,
+              pad_id: int, on_token: StreamCallback | None, dtype: torch.dtype | str,
+              prompt_seeds: list[int] | None) -> list[Completion]:
     model = runner(model, len(prompts) * n, dtype)
     weight = model.model.embed_tokens.weight  # (a frozen copy's projections have no plain weights)
     device = weight.device

@@ -155,10 +155,23 @@ class Attention(nn.Module):
             length = start + t if mask is None else mask.shape[-1]
             k = cache.k[self.layer, :, :, :length]
             v = cache.v[self.layer, :, :, :length]
-        out = decode_attention(q, k, v, mask) if t == 1 else \
-            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        out = decode_attention(q, k, v, mask) if t == 1 else sequence_attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def sequence_attention(q, k, v, mask):
+    """SDPA over many queries (causal when `mask` is None). On CPU a forward that will be backpropagated
+    runs in float32 even under bf16 autocast (which would cast the inputs back): the fused kernel's bf16
+    backward is slow there, and in float32 it takes about half the time (GRPO's 128-slot rows, pretraining's
+    256-512). Its output goes on in float32; the next projection casts it under autocast."""
+    low = q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")
+    if q.device.type == "cpu" and low and q.requires_grad and torch.is_grad_enabled():
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                 is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1])
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def decode_attention(q, k, v, mask):

@@ -62,7 +62,14 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    # The fused kernel updates each tensor in one pass: on CPU 3.5x faster than the per-op (foreach) path on
+    # one thread, 4.6x on two. Plain tensors on CPU/CUDA only (not FSDP's sharded DTensors, not MPS).
+    fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in trainable)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+    if fused:  # it writes the weights without bumping their version counters, by which the engine's frozen
+        # copy (engine/generate.py `weights_stamp`) notices that a policy has changed
+        optimizer.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(trainable))
+    return optimizer
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:

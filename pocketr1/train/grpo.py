@@ -32,7 +32,7 @@ from pocketr1.train.common import (
     make_optimizer,
     save_checkpoint,
 )
-from pocketr1.train.grpo_batch import attention_for_training, pack_groups, scatter_logprobs
+from pocketr1.train.grpo_batch import pack_groups, scatter_logprobs
 from pocketr1.train.grpo_loss import VARIANTS, LossParts, fill_informative, group_advantages, grpo_loss
 from pocketr1.train.reward_shaping import shaped_reward
 
@@ -146,12 +146,11 @@ def completion_logprobs(model: Transformer, batch: Rollout, rows: torch.Tensor) 
     The model runs on the tree-packed batch (grpo_batch.py: each prompt once, no padding; ~30% of the
     padded rectangle's positions), and the head only on the states that predict completion tokens."""
     tree = pack_groups(batch.ids, batch.pad_left, batch.mask, batch.prompt_len, rows)
-    with attention_for_training(tree.ids.device):
-        if distributed.is_wrapped(model):  # DDP/FSDP hooks run in forward(): the head sees every slot
-            logits = model(tree.ids, tree.positions, tree.mask).flatten(0, 1)[tree.source].float()
-        else:
-            hidden = model.hidden(tree.ids, tree.positions, tree.mask)
-            logits = model.lm_head(hidden.flatten(0, 1)[tree.source]).float()
+    if distributed.is_wrapped(model):  # DDP/FSDP hooks run in forward(): the head sees every slot
+        logits = model(tree.ids, tree.positions, tree.mask).flatten(0, 1)[tree.source].float()
+    else:
+        hidden = model.hidden(tree.ids, tree.positions, tree.mask)
+        logits = model.lm_head(hidden.flatten(0, 1)[tree.source]).float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, tree.targets[:, None]).squeeze(-1)
     return scatter_logprobs(tree, logp)
 

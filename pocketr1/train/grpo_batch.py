@@ -13,11 +13,9 @@ positions, and the model's head runs only where a completion token is predicted.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Row length (slots; longer when one prompt + completion needs it). Attention costs each row's length
 # squared (the CPU kernels compute the masked-out scores too), everything else costs slots, and shorter
@@ -122,11 +120,3 @@ def scatter_logprobs(tree: TreeBatch, logp: torch.Tensor) -> torch.Tensor:
     out = logp.new_zeros(tree.shape[0] * tree.shape[1]).scatter(0, tree.dest, logp)
     return out.view(tree.shape)
 
-
-def attention_for_training(device: torch.device) -> contextlib.AbstractContextManager:
-    """The attention kernel for a forward that will be backpropagated. On CPU, SDPA's fused (flash) kernel
-    takes 2x the unfused math path's time for the bf16 backward over rows this short; elsewhere, and
-    without gradients, the default choice is the faster one."""
-    if device.type == "cpu" and torch.is_grad_enabled():
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
