@@ -28,16 +28,17 @@ NEW_TOKENS = 48
 
 def measure(shapes: list[str], rounds: int) -> list[dict]:
     """In a child process whose OpenMP policy is already set: ms per decode step, 1 and 2 threads."""
+    import importlib
     import statistics
     import time
 
     import torch
 
     from pocketr1.engine import SamplingParams, generate
-    from pocketr1.engine import generate as engine
     from pocketr1.model.config import ModelConfig
     from pocketr1.model.transformer import Transformer
 
+    engine = importlib.import_module("pocketr1.engine.generate")  # the module (the package exports the function)
     engine.PASSIVE_SINGLE_THREAD_WORK = 0  # measure both thread counts as asked, not as the engine would pick
     out = []
     for name in shapes:
@@ -99,7 +100,6 @@ def main() -> None:
     out = args.out or common.RESULTS / ("threads-quick.json" if args.quick else "threads.json")
     common.write_result(out, {"benchmark": "threads", "machine": common.machine(), "new_tokens": NEW_TOKENS,
                               "rounds": rounds, "policies": policies})
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,10 @@ class RunConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": {},
+    # Arithmetic over 6-9 single-digit terms: long enough that bare answers fail often while worked steps stay
+    # right, so RL has something to amplify (at 5-8 terms the base answered 72% right: a +26-point margin left
+    # little room; at 6-9 it answers 47%, and RL reaches 97%).
+    "default": {"data": {"difficulty": {"arithmetic": {"min_terms": 6, "max_terms": 9}}}},
     "tiny": {
         "data": {"train_docs": 3000},
         "tokenizer": {"vocab_size": 320},

@@ -106,6 +106,15 @@ def test_frozen_copy_follows_an_optimizer_step(models):
     assert after != before
     assert after == [ours(model, [p])[0].ids for p in PROMPTS]
 
+
+def test_shrinking_batch_runs_in_few_shapes():
+    """A batch sheds finished rows only down to the next of a few sizes, each large enough for the rows left."""
+    from pocketr1.engine.generate import batch_size
+
+    sizes = {batch_size(n) for n in range(1, 257)}
+    assert sizes == {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256}
+    assert all(n <= batch_size(n) < 2 * n for n in range(1, 257))
+
 def test_seeded_samples_are_reproducible(models):
     _, model = models
     first = ours(model, temperature=1.0, seed=7, n=3)

@@ -1,7 +1,8 @@
 """Batched generation with a KV cache.
 
 Prompts are left-padded so every row writes the cache at the same slot; each prompt is prefilled once and
-its cache copied to the `n` samples of its group; finished rows leave the batch so the rest run faster.
+its cache copied to the `n` samples of its group; finished rows leave the batch (whenever it can drop to the
+next of a few sizes, `batch_size`) so the rest run faster.
 
 On CPU a batch of at least `BATCH_ROWS` rows runs on `model.frozen(dtype)`: fused, prepacked projections,
 and under `dtype="auto"` bfloat16 weights when the CPU multiplies bf16 natively (avx512_bf16 / AMX), where
@@ -88,6 +89,15 @@ def runner(model: Transformer, rows: int, dtype: torch.dtype | str = "auto") -> 
     return cached[1]
 
 
+def batch_size(live: int) -> int:
+    """The rows a shrinking decode batch keeps for `live` unfinished sequences: the smallest of 1, 2, 3, 4, 6, 8,
+    12, 16, 24, ... that holds them. Finished rows leave only when the batch can drop to a smaller size, so a
+    batch runs in a dozen shapes rather than one per row count: oneDNN builds (and keeps) its kernels per shape,
+    and a GRPO run's memory grew by tens of MB a step as new counts came up; the cache is copied less often too."""
+    power = 1 << max(0, (live - 1).bit_length() - 1)  # the largest power of two below `live` (1 for 1)
+    return next(size for size in (power, 3 * power // 2, 2 * power) if size >= live)
+
+
 # With OMP_WAIT_POLICY=passive, OpenMP's workers sleep between parallel regions and every region pays a
 # wake-up (70-80 us on a 2-core VM), more than a small model's decode op takes: below this much work per
 # decode step (weights x rows) one thread decodes faster there (`python bench/threads.py`). Without the
@@ -162,25 +172,27 @@ def _generate(model: Transformer, prompts: list[list[int]], params: SamplingPara
     total = len(prompts) * n
     outputs: list[list[int]] = [[] for _ in range(total)]
     finished = [False] * total
-    rows = list(range(total))  # which sequence each batch row holds
+    rows = list(range(total))  # which sequence each batch row holds (finished ones wait for the next shrink)
     stops = set(stop_ids or ())
     for step in range(max_new):
         tokens = sample_next(logits, params.temperature, params.top_p, params.top_k,
                              generator if streams is None else [streams[s] for s in rows])
-        keep = []
-        for row, (seq, tok) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+        for seq, tok in zip(rows, tokens.tolist(), strict=True):
+            if finished[seq]:
+                continue
             if tok in stops:
                 finished[seq] = True
                 continue
-            keep.append(row)
             outputs[seq].append(tok)
             if on_token is not None:
                 on_token(seq, tok)
-        if step == max_new - 1 or not keep:
+        live = [row for row, seq in enumerate(rows) if not finished[seq]]
+        if step == max_new - 1 or not live:
             break
-        if len(keep) < len(rows):  # finished rows leave the batch
-            index = torch.tensor(keep, device=device)
-            rows, tokens, pad_left = [rows[i] for i in keep], tokens[index], pad_left[index]
+        if batch_size(len(live)) < len(rows):  # shrink to the next size, finished rows leave first
+            done = [row for row, seq in enumerate(rows) if finished[seq]]
+            index = torch.tensor(sorted(live + done[:batch_size(len(live)) - len(live)]), device=device)
+            rows, tokens, pad_left = [rows[i] for i in index.tolist()], tokens[index], pad_left[index]
             cache.select(index)
         slot = cache.length
         # The decode mask spans the cache's whole capacity (see KVCache): the row's real tokens up to `slot`.

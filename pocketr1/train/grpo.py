@@ -36,6 +36,8 @@ from pocketr1.train.grpo_batch import pack_groups, scatter_logprobs
 from pocketr1.train.grpo_loss import VARIANTS, LossParts, fill_informative, group_advantages, grpo_loss
 from pocketr1.train.reward_shaping import shaped_reward
 
+HEAD_ROWS = 256  # the update's output head runs on a multiple of this many states (`completion_logprobs`)
+
 
 @dataclass(slots=True)
 class Rollout:
@@ -150,7 +152,11 @@ def completion_logprobs(model: Transformer, batch: Rollout, rows: torch.Tensor) 
         logits = model(tree.ids, tree.positions, tree.mask).flatten(0, 1)[tree.source].float()
     else:
         hidden = model.hidden(tree.ids, tree.positions, tree.mask)
-        logits = model.lm_head(hidden.flatten(0, 1)[tree.source]).float()
+        # The head runs on a multiple of HEAD_ROWS states (the rest repeat slot 0): a step's token count is new
+        # nearly every step, and oneDNN builds and keeps kernels per shape (memory grew ~10 MB a step).
+        n = len(tree.source)
+        source = torch.nn.functional.pad(tree.source, (0, -n % HEAD_ROWS))
+        logits = model.lm_head(hidden.flatten(0, 1)[source])[:n].float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, tree.targets[:, None]).squeeze(-1)
     return scatter_logprobs(tree, logp)
 
