@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketr1.model.config import ModelConfig
-from pocketr1.model.transformer import MLP, KVCache, RMSNorm, Transformer, apply_rope
+from pocketr1.model.transformer import MLP, KVCache, RMSNorm, Transformer, apply_rope, sequence_attention
 
 BALANCE_SPEED = 1e-3  # gamma, the bias update speed (DeepSeek-V3 used 0.001 for most of its training)
 LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with their default eps, not rms_norm_eps
@@ -90,8 +90,7 @@ class MLA(nn.Module):
         kv = self.kv_b_proj(latent[:, 0]).view(b, -1, n, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, n, -1, -1)], dim=-1)
-        out = F.scaled_dot_product_attention(torch.cat([q_nope, q_rope], dim=-1), k, v, attn_mask=mask,
-                                             is_causal=mask is None, scale=self.scale)
+        out = sequence_attention(torch.cat([q_nope, q_rope], dim=-1), k, v, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:

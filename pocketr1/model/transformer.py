@@ -159,7 +159,7 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-def sequence_attention(q, k, v, mask):
+def sequence_attention(q, k, v, mask, scale: float | None = None):
     """SDPA over many queries (causal when `mask` is None). On CPU a forward that will be backpropagated
     runs in float32 even under bf16 autocast (which would cast the inputs back): the fused kernel's bf16
     backward is slow there, and in float32 it takes about half the time (GRPO's 128-slot rows, pretraining's
@@ -167,10 +167,10 @@ def sequence_attention(q, k, v, mask):
     low = q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")
     if q.device.type == "cpu" and low and q.requires_grad and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale,
                                                  is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1])
         return out.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
