@@ -40,5 +40,7 @@ bench: setup-test
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/engine.py
 	$(PY) bench/serve.py
+	$(PY) bench/threads.py
 	$(PY) bench/pretrain.py
+	$(PY) bench/finetune.py
 	$(PY) bench/grpo.py
