@@ -189,9 +189,10 @@ def _generate(model: Transformer, prompts: list[list[int]], params: SamplingPara
         live = [row for row, seq in enumerate(rows) if not finished[seq]]
         if step == max_new - 1 or not live:
             break
-        if batch_size(len(live)) < len(rows):  # shrink to the next size, finished rows leave first
+        size = batch_size(len(live))
+        if size < len(rows):  # shrink to the next size: finished rows leave, as many as that drops
             done = [row for row, seq in enumerate(rows) if finished[seq]]
-            index = torch.tensor(sorted(live + done[:batch_size(len(live)) - len(live)]), device=device)
+            index = torch.tensor(sorted(live + done[:size - len(live)]), device=device)
             rows, tokens, pad_left = [rows[i] for i in index.tolist()], tokens[index], pad_left[index]
             cache.select(index)
         slot = cache.length
