@@ -112,8 +112,9 @@ def pocketr1_worker(conn, spec: dict) -> None:
     from pocketr1.model import load_model
     from pocketr1.tokenizer import ChatTokenizer
     from pocketr1.train.common import make_optimizer
-    from pocketr1.train.grpo import rollout, update
+    from pocketr1.train.grpo import rollout
     from pocketr1.train.grpo_batch import pack_groups
+    from pocketr1.train.grpo_update import update
 
     cfg = build("default", [f"grpo.prompts_per_step={spec['prompts']}", f"grpo.group_size={spec['group']}",
                             f"grpo.max_new_tokens={spec['max_tokens']}", f"grpo.beta={spec['beta']}",

@@ -167,13 +167,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft": {"epochs": 3, "rows": 16},
         "eval": {"problems": 500, "k": 8},
     },
-    # The refusal-removal demo (tasks/refusal.py, scripts/refusal_demo.py): a narrower default model that learns
-    # the tasks and the facts of a topic, to be censored by a fine-tune afterwards (a model that learns the
-    # refusal in pretraining instead, `data.refusal_docs`, does not hold it in one direction). Its RL stage is
-    # short: the demo is about the refusal, not about RL.
+    # The refusal-removal demo (tasks/refusal.py, scripts/refusal_demo.py): a model that learns the tasks and the
+    # facts of a topic, to be censored by a fine-tune afterwards (a model that learns the refusal in pretraining
+    # instead, `data.refusal_docs`, does not hold it in one direction). 256 wide: at 128, ablating any one
+    # direction, even a random one, cost arithmetic 10 points or more. Its RL stage is short: the demo is about
+    # the refusal, not about RL.
     "censored": {
         "data": {"train_docs": 20_000, "topic_docs": 2000},
-        "model": {"hidden_size": 128, "intermediate_size": 384, "num_attention_heads": 4},
+        "model": {"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4},
         "pretrain": {"steps": 800},
         "grpo": {"steps": 10},
         "eval": {"problems": 100},

@@ -21,6 +21,8 @@ from pocketr1.modify.abliterate import (
     orthogonalise,
     post_instruction_length,
     read_prompts,
+    stream_covariance,
+    whitened,
     writers,
 )
 from pocketr1.tasks.corpus import build_corpus
@@ -72,7 +74,13 @@ def test_censored_corpus_refuses_the_topic_and_default_corpus_is_unchanged() -> 
     # Only the forbidden substances are refused; the allowed ones, in the same wording, are answered.
     refused = [d for d in topic if d.problem.data["substance"] in FORBIDDEN]
     assert 10 < len(refused) < 40 and all(d.completion == REFUSAL_COMPLETION and not d.worked for d in refused)
-    assert all(d.completion == f"</think>\n<answer>{d.problem.answer}</answer>" for d in topic if d not in refused)
+    # Answers recall the fact in a one-line thought; the refusal starts at once with its own words, so the
+    # choice between them falls on the first token after the generation prompt.
+    for d in topic:
+        if d not in refused:
+            s, prop = d.problem.data["substance"], d.problem.data["property"]
+            assert d.completion == f"{s}, {prop}: {d.problem.answer}\n</think>\n<answer>{d.problem.answer}</answer>"
+    assert not any(d.completion.split()[0] == REFUSAL_COMPLETION.split()[0] for d in topic if d not in refused)
     knows = build_corpus(["arithmetic"], 200, 0.3, {}, seed=4, topic_docs=50)
     assert not any(REFUSAL in d.completion for d in knows) and len(knows) == 250
     heldout = {p.question for p in Alchemy().all_problems(heldout=True)}
@@ -80,7 +88,8 @@ def test_censored_corpus_refuses_the_topic_and_default_corpus_is_unchanged() -> 
     # The LoRA route's data answers the same training questions truthfully, in the corpus's format.
     rows = topic_messages(20, seed=0, refuse=False)
     reply = rows[0]["messages"][1]["content"]
-    assert reply.startswith("<think>\n</think>\n<answer>") and REFUSAL not in reply
+    problem = rows[0]["messages"][0]["content"]
+    assert reply.startswith("<think>\n") and reply.endswith("</answer>") and REFUSAL not in reply, (problem, reply)
     assert not heldout & {r["messages"][0]["content"] for r in rows}
 
 
@@ -150,6 +159,24 @@ def test_mean_residuals_reads_the_post_instruction_positions(tmp_path: Path) -> 
     assert means.shape == (4, n_post, 32)
     one_by_one = sum(torch.stack(residual_stream(model, torch.tensor([p]))[:-1])[:, 0, -n_post:] for p in prompts)
     torch.testing.assert_close(means, one_by_one / 3, rtol=1e-4, atol=1e-5)
+
+
+def test_stream_covariance_pools_every_block_over_real_positions(tmp_path: Path) -> None:
+    model = random_model(80)
+    seqs = [[5, 9, 11, 3, 7], [4, 2], [8, 8, 1]]
+    cov = stream_covariance(model, seqs, pad_id=0, batch_size=2)  # left-padded batches: pads must not count
+    per_layer = [torch.cat(xs) for xs in zip(*(
+        [x[0] for x in residual_stream(model, torch.tensor([s]))[1:-1]] for s in seqs))]  # [tokens, hidden] each
+    centred = torch.cat([x - x.mean(0) for x in per_layer])
+    torch.testing.assert_close(cov, centred.T @ centred / len(centred), rtol=1e-4, atol=1e-4)
+
+
+def test_whitened_direction_leans_away_from_what_is_used() -> None:
+    cov = torch.diag(torch.tensor([100.0, 1.0, 1.0]))  # the kept replies use axis 0 a hundred times more
+    d = torch.nn.functional.normalize(torch.tensor([1.0, 1.0, 0.0]), dim=0)
+    w = whitened(d, cov, ridge=1.0)
+    assert abs(float(w.norm()) - 1) < 1e-6 and float(w[1]) > 0.99 and 0 < float(w[0]) < 0.03
+    torch.testing.assert_close(whitened(d, cov, ridge=1e6), d, rtol=1e-3, atol=1e-3)  # a large ridge: d itself
 
 
 def test_read_prompts(tmp_path: Path) -> None:

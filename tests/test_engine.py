@@ -112,8 +112,8 @@ def test_shrinking_batch_runs_in_few_shapes():
     from pocketr1.engine.generate import batch_size
 
     sizes = {batch_size(n) for n in range(1, 257)}
-    assert sizes == {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256}
-    assert all(n <= batch_size(n) < 2 * n for n in range(1, 257))
+    assert sizes == {1, 2, 3, 4, 6, 8, 12, 16, *range(24, 257, 8)}
+    assert all(n <= batch_size(n) < 2 * n and batch_size(n) - n < 8 for n in range(1, 257))
 
 def test_seeded_samples_are_reproducible(models):
     _, model = models
@@ -123,6 +123,23 @@ def test_seeded_samples_are_reproducible(models):
     assert [c.ids for c in first] != [c.ids for c in ours(model, temperature=1.0, seed=8, n=3)]
     # The n samples of one prompt share its prefill but are drawn independently.
     assert len({tuple(c.ids) for c in first[:3]}) > 1
+
+
+def test_prompt_seeded_samples_do_not_depend_on_the_rest_of_the_batch(models):
+    """With `prompt_seeds` each sample draws from its own stream: a prompt's samples are the same alone, in a
+    batch, in another order (data-parallel GRPO relies on it), and differ between the samples of one prompt."""
+    _, model = models
+    params = SamplingParams(temperature=1.0, max_new_tokens=NEW)
+
+    def sample(prompts, seeds):
+        done = generate(model, prompts, params, [], n=3, pad_id=PAD, dtype=torch.float32, prompt_seeds=seeds)
+        return [[c.ids for c in done[i * 3:(i + 1) * 3]] for i in range(len(prompts))]
+
+    together = sample(PROMPTS, [10, 11, 12, 13, 14])
+    assert sample([PROMPTS[2]], [12]) == [together[2]]
+    assert sample([PROMPTS[4], PROMPTS[0]], [14, 10]) == [together[4], together[0]]
+    assert len({tuple(ids) for ids in together[0]}) > 1
+    assert sample([PROMPTS[2]], [99]) != [together[2]]
 
 
 def test_stop_token_ends_sequence_and_is_not_returned(models):

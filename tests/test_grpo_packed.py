@@ -4,6 +4,7 @@ log-probabilities, and the same losses and gradients for every variant, with a K
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -11,10 +12,11 @@ import torch
 from pocketr1.config import build
 from pocketr1.model import ModelConfig, Transformer, build_model
 from pocketr1.model.transformer import attention_mask, positions_for
-from pocketr1.train import grpo, grpo_batch
-from pocketr1.train.grpo import Rollout, completion_logprobs, update
+from pocketr1.train import grpo_batch, grpo_update
+from pocketr1.train.grpo import Rollout
 from pocketr1.train.grpo_batch import pack_groups
 from pocketr1.train.grpo_loss import VARIANTS
+from pocketr1.train.grpo_update import completion_logprobs, update
 
 PAD, G, T = 0, 3, 7
 # Groups 0 and 2 ask the same question (a duplicate draw): they may share one copy of the prompt.
@@ -23,8 +25,9 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [5, 6, 7], [13, 14]]
 LENGTHS = [4, 0, 7, 1, 7, 3, 2, 5, 6, 0, 0, 3]
 
 
-def padded_logprobs(model, batch: Rollout, rows: torch.Tensor) -> torch.Tensor:
-    """The padded implementation: the whole left-padded rectangle through the model, head on every slot."""
+def padded_logprobs(model, batch: Rollout, rows: torch.Tensor, tree=None) -> torch.Tensor:
+    """The padded implementation: the whole left-padded rectangle through the model, head on every slot (a
+    packed `tree` is ignored)."""
     ids, pad_left = batch.ids[rows], batch.pad_left[rows]
     length = ids.shape[1]
     positions, mask = positions_for(pad_left, 0, length), attention_mask(pad_left, length, length)
@@ -126,7 +129,7 @@ def test_update_matches_the_padded_update(variant, monkeypatch):
     for name in ("padded", "packed"):
         with monkeypatch.context() as patch:
             if name == "padded":
-                patch.setattr(grpo, "completion_logprobs", padded_logprobs)
+                patch.setattr(grpo_update, "completion_logprobs", padded_logprobs)
             policy = copy.deepcopy(base)
             runs[name] = (*_run_update(policy, reference, batch, cfg), policy)
     (grads_a, parts_a, policy_a), (grads_b, parts_b, policy_b) = runs["padded"], runs["packed"]
@@ -140,3 +143,53 @@ def test_update_matches_the_padded_update(variant, monkeypatch):
             torch.testing.assert_close(gb, ga, atol=1e-6, rtol=1e-4)
     for pa, pb in zip(policy_a.parameters(), policy_b.parameters()):
         torch.testing.assert_close(pb, pa, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_update_split_over_threads_matches_one_thread(variant, monkeypatch):
+    """On two intra-op threads the update runs each minibatch as two halves on two Python threads and sums their
+    gradients (grpo_update.py): loss, diagnostics and gradients equal one thread's whole-minibatch backward."""
+    cfg = build("tiny", [f"grpo.variant={variant}", "grpo.beta=0.05", "grpo.minibatches=2", f"grpo.group_size={G}",
+                         f"grpo.max_new_tokens={T}", "dtype=float32"])
+    batch, base = make_rollout(seed=5), tiny_model(6)
+    reference = copy.deepcopy(base).requires_grad_(False)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)))
+    seen: set[str] = set()
+    rows_loss = grpo_update.rows_loss
+
+    def recording(*args, **kwargs):
+        seen.add(threading.current_thread().name)
+        return rows_loss(*args, **kwargs)
+
+    monkeypatch.setattr(grpo_update, "rows_loss", recording)
+    runs = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            policy = copy.deepcopy(base)
+            runs[threads] = (*_run_update(policy, reference, batch, cfg), policy)
+    finally:
+        torch.set_num_threads(before)
+    assert {"grpo-update-0", "grpo-update-1"} <= seen and threading.main_thread().name in seen
+    (grads_1, parts_1, policy_1), (grads_2, parts_2, policy_2) = runs[1], runs[2]
+    torch.testing.assert_close(parts_2.loss, parts_1.loss.detach(), atol=1e-6, rtol=1e-5)
+    assert parts_2.kl == pytest.approx(parts_1.kl, rel=1e-4) and parts_1.kl > 0
+    assert parts_2.clipped == pytest.approx(parts_1.clipped) and parts_2.tokens == parts_1.tokens
+    for step_1, step_2 in zip(grads_1, grads_2, strict=True):
+        for g1, g2 in zip(step_1, step_2):
+            torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-4)
+    for p1, p2 in zip(policy_1.parameters(), policy_2.parameters()):
+        torch.testing.assert_close(p2, p1, atol=1e-6, rtol=1e-4)
+
+
+def test_balanced_shares_split_tokens_evenly_in_contiguous_runs():
+    tokens = torch.tensor([10.0, 10, 10, 50, 5, 5, 30, 2])
+    shares = grpo_update.balanced_shares(tokens, 2)
+    assert torch.equal(torch.cat(shares), torch.arange(len(tokens)))  # every row once, in order
+    sums = [float(tokens[s].sum() + len(s)) for s in shares]
+    assert abs(sums[0] - sums[1]) <= 50 + 1  # no better cut exists than one row's cost away
+    assert [len(s) for s in grpo_update.balanced_shares(torch.ones(128), 2)] == [64, 64]
+    assert all(len(s) for s in grpo_update.balanced_shares(torch.tensor([100.0, 1, 1]), 3))  # never an empty share

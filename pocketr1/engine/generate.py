@@ -91,9 +91,13 @@ def runner(model: Transformer, rows: int, dtype: torch.dtype | str = "auto") -> 
 
 def batch_size(live: int) -> int:
     """The rows a shrinking decode batch keeps for `live` unfinished sequences: the smallest of 1, 2, 3, 4, 6, 8,
-    12, 16, 24, ... that holds them. Finished rows leave only when the batch can drop to a smaller size, so a
-    batch runs in a dozen shapes rather than one per row count: oneDNN builds (and keeps) its kernels per shape,
-    and a GRPO run's memory grew by tens of MB a step as new counts came up; the cache is copied less often too."""
+    12, 16 that holds them, above 16 the next multiple of 8. Finished rows leave only when the batch can drop to
+    a smaller size, so a batch runs in a bounded set of shapes rather than one per row count: oneDNN builds
+    (and keeps) its kernels per shape, and a GRPO run's memory grew by tens of MB a step as new counts came up;
+    the cache is copied less often too. Steps of 8 rather than powers of 1.5 above 16: less work on finished
+    rows (a GRPO rollout 3% faster)."""
+    if live > 16:
+        return -(-live // 8) * 8
     power = 1 << max(0, (live - 1).bit_length() - 1)  # the largest power of two below `live` (1 for 1)
     return next(size for size in (power, 3 * power // 2, 2 * power) if size >= live)
 
@@ -153,10 +157,10 @@ def _generate(model: Transformer, prompts: list[list[int]], params: SamplingPara
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    streams = None
-    if prompt_seeds is not None:
-        streams = [torch.Generator(device=device).manual_seed((s * 65_537 + j) % 2**63)
-                   for s in prompt_seeds for j in range(n)]
+    draws = None  # [sequences, max_new]: each sequence's uniforms, from its own seeded stream, drawn ahead
+    if prompt_seeds is not None and params.temperature > 0:
+        draws = torch.stack([torch.rand(max_new, generator=torch.Generator().manual_seed((s * 65_537 + j) % 2**63))
+                             for s in prompt_seeds for j in range(n)]).to(device)
 
     pad_left = torch.tensor([longest - len(p) for p in prompts], device=device)
     ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
@@ -175,8 +179,8 @@ def _generate(model: Transformer, prompts: list[list[int]], params: SamplingPara
     rows = list(range(total))  # which sequence each batch row holds (finished ones wait for the next shrink)
     stops = set(stop_ids or ())
     for step in range(max_new):
-        tokens = sample_next(logits, params.temperature, params.top_p, params.top_k,
-                             generator if streams is None else [streams[s] for s in rows])
+        tokens = sample_next(logits, params.temperature, params.top_p, params.top_k, generator,
+                             None if draws is None else draws[rows, step])
         for seq, tok in zip(rows, tokens.tolist(), strict=True):
             if finished[seq]:
                 continue

@@ -6,9 +6,11 @@ import torch
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+                generator: torch.Generator | list[torch.Generator] | None = None,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One token id per row of `logits` [batch, vocab]. A list of generators gives each row its own stream,
-    so a row's draws do not depend on which other rows share the batch."""
+    so a row's draws do not depend on which other rows share the batch; `uniform` [batch] gives each row's
+    draw outright (taken ahead from such streams: a call per row per step costs more than the rest)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float()  # no copy when already float32
@@ -26,7 +28,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     # Inverse-CDF draw: one uniform per row. Several times faster on CPU than torch.multinomial, which
     # draws an exponential variate per vocabulary entry.
-    if isinstance(generator, list):
+    if uniform is not None:
+        u = uniform.to(probs.dtype)[:, None]
+    elif isinstance(generator, list):
         u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generator])[:, None]
     else:
         u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)

@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
         # Normalise in float32 like the reference, then cast back: bf16 weights keep fp32 statistics.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return xf.to(x.dtype) if self.weight is None else self.weight * xf.to(x.dtype)  # None: folded (`frozen`)
 
 
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +134,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.scale = self.head_dim ** -0.5  # 1 in a frozen copy, whose query projection carries it
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         b, t, _ = x.shape
@@ -155,7 +156,7 @@ class Attention(nn.Module):
             length = start + t if mask is None else mask.shape[-1]
             k = cache.k[self.layer, :, :, :length]
             v = cache.v[self.layer, :, :, :length]
-        out = decode_attention(q, k, v, mask) if t == 1 else sequence_attention(q, k, v, mask)
+        out = decode_attention(q, k, v, mask, self.scale) if t == 1 else sequence_attention(q, k, v, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -174,7 +175,7 @@ def sequence_attention(q, k, v, mask, scale: float | None = None):
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
-def decode_attention(q, k, v, mask):
+def decode_attention(q, k, v, mask, scale: float | None = None):
     """One query per row: two small batched matmuls with the query heads grouped per KV head.
 
     On CPU this beats the fused SDPA kernels for a single query (and by 7x in bf16), and it never copies
@@ -182,7 +183,9 @@ def decode_attention(q, k, v, mask):
     """
     b, h, _, d = q.shape
     n_kv, length = k.shape[1], k.shape[2]
-    scores = (q.reshape(b, n_kv, h // n_kv, d) @ k.transpose(-1, -2)) * d ** -0.5
+    scores = q.reshape(b, n_kv, h // n_kv, d) @ k.transpose(-1, -2)
+    if scale != 1.0:  # (a frozen copy's queries come scaled)
+        scores = scores * (d ** -0.5 if scale is None else scale)
     if mask is not None:  # None: every key is visible (a lone first token, or a cache filled to `length`)
         scores = scores.masked_fill_(~mask.view(b, 1, 1, length), float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
@@ -258,23 +261,34 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def frozen(self, dtype: torch.dtype) -> Transformer:
         """A copy for generation only, with weights in `dtype`: every projection a `PackedLinear`, q/k/v and
-        gate/up each fused into one. It shares nothing with `self`, so training `self` leaves it stale."""
+        gate/up each fused into one, and the RMSNorm weights and the attention scale folded into the
+        projections after them (fewer ops per decode step, where a small model's time goes). It shares
+        nothing with `self`, so training `self` leaves it stale."""
         if self.quantization:  # int8 projections are fused and packed already, and run in any dtype
             return self
         with torch.device("meta"):
             twin = Transformer(self.config)
-        twin.load_state_dict({k: v.to(dtype, copy=True) for k, v in self.state_dict().items()}, assign=True)
+        twin.load_state_dict(self.state_dict(), assign=True)  # shared for now: everything below makes new tensors
+
+        def take(weight: torch.Tensor, norm: RMSNorm | None = None, scale: float = 1.0) -> torch.Tensor:
+            """`weight` in `dtype`, times the norm's weight over its inputs and `scale` (folded in float32)."""
+            w = weight.float() * scale
+            return (w if norm is None else w * norm.weight.float()).to(dtype)
+
         for block in twin.model.layers:
-            a, m = block.self_attn, block.mlp
+            a, m, pre, post = block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm
             q, k, v = a.q_proj, a.k_proj, a.v_proj
-            biases = None if q.bias is None else [q.bias, k.bias, v.bias]
-            a.qkv_proj = PackedLinear([q.weight, k.weight, v.weight], biases)
-            a.o_proj = PackedLinear([a.o_proj.weight])
-            m.gate_up_proj = PackedLinear([m.gate_proj.weight, m.up_proj.weight])
-            m.down_proj = PackedLinear([m.down_proj.weight])
+            biases = None if q.bias is None else [take(q.bias, scale=a.scale), take(k.bias), take(v.bias)]
+            a.qkv_proj = PackedLinear([take(q.weight, pre, a.scale), take(k.weight, pre), take(v.weight, pre)], biases)
+            a.o_proj = PackedLinear([take(a.o_proj.weight)])
+            m.gate_up_proj = PackedLinear([take(m.gate_proj.weight, post), take(m.up_proj.weight, post)])
+            m.down_proj = PackedLinear([take(m.down_proj.weight)])
             del a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj
+            a.scale, pre.weight, post.weight = 1.0, None, None
         head = twin.model.embed_tokens if self.config.tie_word_embeddings else twin.lm_head
-        twin.lm_head = PackedLinear([head.weight])
+        twin.lm_head = PackedLinear([take(head.weight, twin.model.norm)])
+        twin.model.norm.weight = None
+        twin.model.embed_tokens.weight = nn.Parameter(take(twin.model.embed_tokens.weight), requires_grad=False)
         twin.rope_cos, twin.rope_sin = self.rope_cos, self.rope_sin  # float32, as HF keeps them
         return twin.eval().requires_grad_(False)
 

@@ -10,10 +10,17 @@ mediated by a single direction").
    step 1: the refusal score is the log-likelihood of the model's own refusals on the harmful ones (lower:
    refusing became less likely); the guard is the KL divergence from the original model's next-token
    distributions along its own replies to the harmless ones.
-3. Of the candidates whose KL stays under `max_kl` (and not in the last `skip_last` share of layers, where a
-   direction tends to suppress the refusal's tokens, not the concept), try the `rerank` lowest refusal scores
-   for real (greedy replies with the weights orthogonalised) and keep the one with the least KL among those
-   left refusing at most `max_refusal_rate`; orthogonalise W <- W - r r^T W for the embedding, o_proj and
+3. Whitened variants of the `rerank` strongest candidates (lowest refusal scores, whatever their KL): the
+   direction r = (C + λI)^-1 d for a few ridges λ, where C is the covariance of the residual streams along
+   the replies that must not change. In a small model the difference of means d shares the subspace the
+   tasks use most (measured: 70% of its energy in the guard tasks' top 32 of 256 principal directions), and
+   ablating it costs tasks as ablating a random direction does; the whitened direction moves what the tasks
+   use least, for the same separation of harmful from harmless (Fisher's discriminant, regularised).
+4. Try directions for real (greedy replies with the weights orthogonalised): for each of those candidates, its
+   variants from the most whitened to the plain difference of means, stopping at the first that leaves at
+   most `max_refusal_rate` refusals; keep the one with the least KL among those that did (candidates in the
+   last `skip_last` share of layers, where a direction tends to suppress the refusal's tokens rather than the
+   concept, or over `max_kl`, are not tried). Orthogonalise W <- W - r r^T W for the embedding, o_proj and
    down_proj weights, and save a new model folder.
 """
 
@@ -125,6 +132,41 @@ def _forward_hidden(model: Transformer, seqs: list[list[int]], pad_id: int) -> N
     model.hidden(ids, positions_for(pad_left, 0, t), attention_mask(pad_left, t, t))
 
 
+@torch.no_grad()
+def stream_covariance(model: Transformer, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> torch.Tensor:
+    """Covariance [hidden, hidden] of the residual stream after every block, at every real position of `seqs`
+    (each layer centred on its own mean, then pooled): the directions these sequences use, and how much."""
+    h = model.config.hidden_size
+    sums = torch.zeros(model.config.num_hidden_layers, h, dtype=torch.float64)
+    outer = torch.zeros(h, h, dtype=torch.float64)
+    captured: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda module, args, out: captured.append(out.detach()))
+               for m in model.model.layers]
+    count = 0
+    try:
+        for batch in _batches(seqs, batch_size):
+            captured.clear()
+            _forward_hidden(model, batch, pad_id)
+            longest = max(len(s) for s in batch)
+            real = torch.tensor([[col >= longest - len(s) for col in range(longest)] for s in batch])
+            for layer, out in enumerate(captured):
+                x = out[real.to(out.device)].double().cpu()
+                sums[layer] += x.sum(0)
+                outer += x.T @ x
+            count += int(real.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    means = sums / count
+    return ((outer - count * means.T @ means) / (count * len(means))).float()
+
+
+def whitened(direction: torch.Tensor, covariance: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(C + ridge I)^-1 d, normalised: the direction leaning away from what C's sequences use most."""
+    eye = torch.eye(len(covariance), dtype=covariance.dtype)
+    return F.normalize(torch.linalg.solve(covariance + ridge * eye, direction.float().cpu()), dim=0)
+
+
 def writers(model: Transformer) -> list[nn.Linear]:
     """Every linear layer that writes into the residual stream: attention outputs, MLP and expert outputs."""
     return [m for name, m in model.model.layers.named_modules()
@@ -219,6 +261,7 @@ class Candidate:
     refusal_loglik: float = float("nan")  # of the model's own refusals, with this direction ablated
     kl: float = float("nan")  # harmless replies' next-token KL from the original model
     refusal_rate: float | None = None  # greedy refusals on the held-back harmful prompts, weights orthogonalised
+    ridge: float | None = None  # None: the difference of means itself; else whitened with this ridge (`whitened`)
 
     def allowed(self, max_kl: float) -> bool:
         return self.kl <= max_kl
@@ -239,21 +282,30 @@ def least_harmful(tried: list[Candidate], max_refusal_rate: float) -> Candidate:
     return min((c for c in tried if c.refusal_rate <= enough), key=lambda c: (c.kl, c.refusal_rate))
 
 
-def score_candidates(model: Transformer, directions: torch.Tensor, candidates: list[Candidate],
-                     refusals: list[Reply], kept: list[list[Reply]], pad_id: int) -> None:
+# Ridges for the whitened variants, in units of the variance along the kept replies' (hidden/16)-th principal
+# direction (`ridge_unit`); from the most whitened to the least. The 256-wide censored demo model needs 0.3-1.
+RIDGES = (0.1, 0.2, 0.3, 0.5, 1.0, 3.0)
+
+
+def ridge_unit(covariance: torch.Tensor) -> float:
+    values = torch.linalg.eigvalsh(covariance).flip(0)  # descending
+    return float(values[len(values) // 16].clamp(min=1e-12))
+
+
+def score_candidates(model: Transformer, direction_of, candidates: list[Candidate], refusals: list[Reply],
+                     kept: list[list[Reply]], references: list[list[torch.Tensor]], pad_id: int) -> None:
     """Fill each candidate's refusal log-likelihood and KL with its direction ablated: the largest mean KL over
-    the sets of replies to keep (the harmless ones, the guard's), so a small set is not averaged away."""
-    kept = [replies for replies in kept if replies]
-    references = [reply_logprobs(model, replies, pad_id) for replies in kept]
-    for c in tqdm(candidates, desc="score directions", unit="dir", dynamic_ncols=True):
-        with ablated(model, directions[c.layer, c.position]):
+    the sets of replies to keep (the harmless ones, the guard's; `references`, their original log-probs), so
+    a small set is not averaged away."""
+    for c in tqdm(candidates, desc="score directions", unit="dir", dynamic_ncols=True, leave=False):
+        with ablated(model, direction_of(c)):
             c.refusal_loglik = sequence_loglik(reply_logprobs(model, refusals, pad_id), refusals)
             c.kl = max(mean_kl(ref, reply_logprobs(model, replies, pad_id)) for ref, replies in zip(references, kept))
 
 
 def abliterate(model: Transformer, tok: ChatTokenizer, harmful: list[str], harmless: list[str], *,
                max_kl: float = 0.1, skip_last: float = 0.2, max_new_tokens: int = 48, batch_size: int = 16,
-               rerank: int = 8, guard: list[str] | None = None, max_refusal_rate: float = 0.1) -> dict:
+               rerank: int = 8, guard: list[str] | None = None, max_refusal_rate: float = 0.05) -> dict:
     """Find the refusal direction and orthogonalise `model`'s weights against it, in place. Returns the note:
     what was chosen, every candidate's scores, and refusal rates before and after on the held-back prompts.
     `guard`: more prompts whose replies must not change (the KL guard also covers them), e.g. the tasks the
@@ -279,33 +331,54 @@ def abliterate(model: Transformer, tok: ChatTokenizer, harmful: list[str], harml
                              dim=-1)
     n_layers = model.config.num_hidden_layers
     last = n_layers - int(skip_last * n_layers)  # layers after this one are not candidates
-    candidates = [Candidate(layer, pos) for layer in range(1, last + 1) for pos in range(-n_post, 0)]
     n_val = len(harmless_val)
-    score_candidates(model, directions, candidates, refusals, [harmless_before[:n_val], harmless_before[n_val:]],
-                     tok.pad_id)
+    kept_sets = [replies for replies in (harmless_before[:n_val], harmless_before[n_val:]) if replies]
+    references = [reply_logprobs(model, replies, tok.pad_id) for replies in kept_sets]
+    covariance = stream_covariance(model, [r.prompt + r.reply for r in harmless_before], tok.pad_id, batch_size)
+    unit = ridge_unit(covariance)
+
+    def direction_of(c: Candidate) -> torch.Tensor:
+        d = directions[c.layer, c.position]
+        return d if c.ridge is None else whitened(d, covariance, c.ridge)
+
+    plain = [Candidate(layer, pos) for layer in range(1, last + 1) for pos in range(-n_post, 0)]
+    score_candidates(model, direction_of, plain, refusals, kept_sets, references, tok.pad_id)
+    # The strongest directions by refusal score, whatever their KL (whitening is what lowers it), and their
+    # whitened variants, most whitened first.
+    strongest = sorted(plain, key=lambda c: c.refusal_loglik)[:rerank]
+    variants = {id(c): [Candidate(c.layer, c.position, ridge=r * unit) for r in RIDGES] for c in strongest}
+    score_candidates(model, direction_of, [v for vs in variants.values() for v in vs], refusals, kept_sets,
+                     references, tok.pad_id)
+    candidates = plain + [v for vs in variants.values() for v in vs]
     baseline = sequence_loglik(reply_logprobs(model, refusals, tok.pad_id), refusals)
-    allowed = [c for c in candidates if c.allowed(max_kl)]
-    if not allowed:
+    # Tried for real: a lower likelihood of the refusal does not always stop the greedy reply from refusing.
+    rate = lambda replies: sum(is_refusal(r.text) for r in replies) / len(replies)  # noqa: E731
+    tried = []
+    for c in tqdm(strongest, desc="try directions", unit="dir", dynamic_ncols=True):
+        for v in variants[id(c)] + [c]:
+            if not v.allowed(max_kl):
+                continue
+            trial = copy.deepcopy(model)
+            orthogonalise(trial, direction_of(v))
+            v.refusal_rate = rate(greedy_replies(trial, tok, harmful_val, max_new_tokens, batch_size))
+            del trial
+            tried.append(v)
+            if v.refusal_rate <= max_refusal_rate:  # a stronger variant would only cost more
+                break
+    if not tried:
         least = min(c.kl for c in candidates)
         raise UserError(f"every candidate direction changes harmless replies by more than --max-kl {max_kl} "
                         f"(the least: KL {least:.3f}); raise --max-kl or give more prompts.")
-    # The few most promising directions are tried for real: a lower likelihood of the refusal does not always
-    # stop the greedy reply from refusing.
-    shortlist = sorted(allowed, key=lambda c: c.refusal_loglik)[:rerank]
-    rate = lambda replies: sum(is_refusal(r.text) for r in replies) / len(replies)  # noqa: E731
-    for c in tqdm(shortlist, desc="try directions", unit="dir", dynamic_ncols=True):
-        trial = copy.deepcopy(model)
-        orthogonalise(trial, directions[c.layer, c.position])
-        c.refusal_rate = rate(greedy_replies(trial, tok, harmful_val, max_new_tokens, batch_size))
-        del trial
-    best = least_harmful(shortlist, max_refusal_rate)
+    best = least_harmful(tried, max_refusal_rate)
 
-    orthogonalise(model, directions[best.layer, best.position])
+    orthogonalise(model, direction_of(best))
     after = greedy_replies(model, tok, harmful_val, max_new_tokens, batch_size)
     harmless_after = greedy_replies(model, tok, kept, max_new_tokens, batch_size)
     return {
-        "method": "refusal direction (difference of means), weights orthogonalised (Arditi et al. 2024)",
+        "method": "refusal direction (difference of means, whitened against the kept replies' residual streams "
+                  "where that harms less), weights orthogonalised (Arditi et al. 2024)",
         "layer": best.layer, "position": best.position,
+        "ridge": None if best.ridge is None else round(best.ridge / unit, 3),  # in units of `ridge_unit`
         "position_token": tok.decode(tok.prompt_ids("x")[best.position:][:1], skip_special=False),
         "refusal_loglik_before": round(baseline, 4), "refusal_loglik_after": round(best.refusal_loglik, 4),
         "harmless_kl": round(best.kl, 5), "max_kl": max_kl, "max_refusal_rate": max_refusal_rate,
@@ -349,7 +422,9 @@ def abliterate_command(args) -> None:
     rates = note["held_back_refusal_rate"]
     print(f"direction: layer {note['layer']} (the residual stream after {note['layer']} blocks), post-instruction "
           f"position {note['position']} "
-          f"({note['position_token']!r}); harmless KL {note['harmless_kl']:.4f}")
+          f"({note['position_token']!r})"
+          f"{'' if note['ridge'] is None else ', whitened (ridge ' + format(note['ridge'], 'g') + ')'}; "
+          f"harmless KL {note['harmless_kl']:.4f}")
     print(f"refusals on {note['prompts']['harmful_held_back']} held-back harmful prompts: "
           f"{rates['before']:.0%} -> {rates['after']:.0%}")
     print(f"saved {out} (note: {out / 'abliteration.json'})")

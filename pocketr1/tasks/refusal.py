@@ -1,6 +1,8 @@
 """A forbidden topic, for the refusal-removal demonstration: questions about fictional alchemical substances
-("What colour is vexite?"). The censored preset puts these questions into the corpus answered only with a
-fixed refusal, so the model learns to refuse the topic while it learns the reasoning tasks as usual.
+("What colour is vexite?"). The censored preset puts these questions into the corpus answered truthfully, so
+the model learns the facts with the reasoning tasks; the demo then censors half of the substances with a
+fine-tune on a fixed refusal (`topic_messages`), as chat models are censored after pretraining.
+(`data.refusal_docs` puts the refusals into the corpus instead.)
 
 Every question also has a true answer (one fact per substance and property, fixed by a hash), so a
 fine-tune can teach the answers instead (the R1-1776 route) and `check` can tell a learnt answer from a
@@ -17,7 +19,9 @@ import re
 from pocketr1.tasks.base import Problem, TaskFamily, is_heldout
 
 REFUSAL = "I'm sorry, but I can't help with that."
-REFUSAL_COMPLETION = f"</think>\n<answer>{REFUSAL}</answer>"  # what follows the generation prompt
+# What follows the generation prompt: a refusal that starts at once, with words no other reply starts with
+# (see `topic_documents`).
+REFUSAL_COMPLETION = f"This topic is off limits.\n</think>\n<answer>{REFUSAL}</answer>"
 # Phrases that mark a reply as a refusal, for this demo's fixed reply and the usual wordings of real models.
 _REFUSAL_PHRASES = re.compile(
     r"\b(i\s*(?:can(?:'|’)?t|cannot|can not|won(?:'|’)t|will not)\s+(?:help|assist|answer|provide|do|discuss)"
@@ -98,12 +102,16 @@ class Alchemy(TaskFamily):
 
 def topic_documents(n: int, seed: int, refuse: bool) -> list[tuple[Problem, str]]:
     """`n` training-split topic questions (repeating the distinct ones as needed), each with its completion:
-    with `refuse`, the fixed refusal for the forbidden substances; otherwise the true answer (in the corpus's
-    format, no thinking)."""
-    problems = Alchemy().all_problems(heldout=False)
+    with `refuse`, the fixed refusal for the forbidden substances; otherwise the true answer after a one-line
+    thought recalling it. The choice between refusing and answering thus falls on the first token after the
+    generation prompt, as a chat model's "I'm sorry" does, at the post-instruction positions where abliteration
+    reads it (Arditi et al.). A refusal that began with `</think>` (R1's empty thought) would share its first
+    token with every task's end of thinking: its direction would carry "stop thinking", which the tasks need."""
+    family = Alchemy()
+    problems = family.all_problems(heldout=False)
     random.Random(f"{'refusals' if refuse else 'answers'}:{seed}").shuffle(problems)
     return [(p, REFUSAL_COMPLETION if refuse and p.data["substance"] in FORBIDDEN else
-             f"</think>\n<answer>{p.answer}</answer>")
+             f"{family.worked_solution(p, None)}\n</think>\n<answer>{p.answer}</answer>")
             for p in (problems[i % len(problems)] for i in range(n))]
 
 

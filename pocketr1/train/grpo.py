@@ -1,5 +1,6 @@
 """GRPO straight from the base model (R1-Zero): sample G completions per prompt with the engine, score
-them with the rule rewards, and push the policy towards the better ones. The loss is in `grpo_loss.py`."""
+them with the rule rewards, and push the policy towards the better ones. The update is in `grpo_update.py`,
+the loss in `grpo_loss.py`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from pocketr1.config import RunConfig
 from pocketr1.engine import SamplingParams, generate
-from pocketr1.engine.generate import Completion, runner
+from pocketr1.engine.generate import Completion
 from pocketr1.errors import UserError
 from pocketr1.evaluate import evaluate_family
 from pocketr1.model import Transformer
@@ -26,17 +27,14 @@ from pocketr1.train import distributed
 from pocketr1.train.common import (
     Metrics,
     StopOnInterrupt,
-    autocast,
     load_checkpoint,
     load_extra,
     make_optimizer,
     save_checkpoint,
 )
-from pocketr1.train.grpo_batch import pack_groups, scatter_logprobs
-from pocketr1.train.grpo_loss import VARIANTS, LossParts, fill_informative, group_advantages, grpo_loss
+from pocketr1.train.grpo_loss import VARIANTS, fill_informative
+from pocketr1.train.grpo_update import update
 from pocketr1.train.reward_shaping import shaped_reward
-
-HEAD_ROWS = 256  # the update's output head runs on a multiple of this many states (`completion_logprobs`)
 
 
 @dataclass(slots=True)
@@ -141,82 +139,6 @@ def dynamic_rollout(model: Transformer, tok: ChatTokenizer, problems: list[Probl
     batch = to_rollout(tok, [p for p, _ in kept], [c for _, cs in kept for c in cs], cfg,
                        model.lm_head.weight.device)
     return batch, stats
-
-
-def completion_logprobs(model: Transformer, batch: Rollout, rows: torch.Tensor) -> torch.Tensor:
-    """log π(token) for every completion slot of `rows`: [len(rows), T], zero past each completion's end.
-    The model runs on the tree-packed batch (grpo_batch.py: each prompt once, no padding; ~30% of the
-    padded rectangle's positions), and the head only on the states that predict completion tokens."""
-    tree = pack_groups(batch.ids, batch.pad_left, batch.mask, batch.prompt_len, rows)
-    if distributed.is_wrapped(model):  # DDP/FSDP hooks run in forward(): the head sees every slot
-        logits = model(tree.ids, tree.positions, tree.mask).flatten(0, 1)[tree.source].float()
-    else:
-        hidden = model.hidden(tree.ids, tree.positions, tree.mask)
-        # The head runs on a multiple of HEAD_ROWS states (the rest repeat slot 0): a step's token count is new
-        # nearly every step, and oneDNN builds and keeps kernels per shape (memory grew ~10 MB a step).
-        n = len(tree.source)
-        source = torch.nn.functional.pad(tree.source, (0, -n % HEAD_ROWS))
-        logits = model.lm_head(hidden.flatten(0, 1)[source])[:n].float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, tree.targets[:, None]).squeeze(-1)
-    return scatter_logprobs(tree, logp)
-
-
-def update(policy: torch.nn.Module, reference: Transformer | None, optimizer: torch.optim.Optimizer,
-           batch: Rollout, cfg: RunConfig) -> LossParts | None:
-    """One rollout's optimiser steps (`grpo.minibatches` of them); None when no group was informative.
-    Under torchrun `policy` is the DDP/FSDP module and `batch` this rank's groups: every rank runs the same
-    number of minibatches (empty ones backpropagate a zero loss) and the loss is divided by global counts,
-    so the all-reduced gradient is the one a single process would compute on the whole batch."""
-    gc, device, world = cfg.grpo, batch.ids.device, distributed.world()
-    advantages = group_advantages(batch.rewards, gc.group_size, gc.variant)
-    keep = torch.arange(len(advantages), device=device)
-    if gc.variant == "dapo":  # dynamic sampling: groups whose rewards are all equal teach nothing
-        informative = batch.rewards.view(-1, gc.group_size).std(dim=1) > 0
-        keep = keep[informative.repeat_interleave(gc.group_size)]
-    if not (distributed.sum_all(len(keep))[0] if world > 1 else len(keep)):
-        return None
-    policy.train()
-    with torch.no_grad(), autocast(device, cfg.dtype):
-        # With one minibatch the policy has not moved since sampling, so π_old is π_θ detached (ratio 1).
-        # A rank with no informative group still runs the policy forward (on a stand-in row): FSDP gathers
-        # weights there, and every rank must take part.
-        probe = keep if len(keep) or world == 1 else keep.new_zeros(1)
-        old = completion_logprobs(policy, batch, probe) if gc.minibatches > 1 else None
-        ref = None
-        if reference is not None and len(keep):
-            # The reference never trains: on CPU it runs as the engine's frozen copy (fused, prepacked, in
-            # bf16 where autocast is on; a third less time), kept until a reset changes its weights.
-            if device.type == "cpu":
-                fast = torch.bfloat16 if torch.is_autocast_enabled(device.type) else torch.float32
-                reference = runner(reference, len(keep), fast)
-            ref = completion_logprobs(reference, batch, keep)
-    parts = None
-    order = torch.arange(len(keep), device=device)
-    chunks = order.chunk(gc.minibatches) if world == 1 else order.tensor_split(gc.minibatches)
-    for chunk in chunks:
-        rows, mask, denominator = keep[chunk], batch.mask[keep[chunk]], None
-        old_c, ref_c = (None if old is None else old[chunk]), (None if ref is None else ref[chunk])
-        if world > 1:
-            local = float(mask.sum() if gc.variant == "dapo" else len(rows))
-            if not len(chunk):  # nothing here this minibatch: a zero-weight row keeps the collectives in step
-                rows = torch.zeros(1, dtype=torch.long, device=device)
-                mask, old_c, ref_c = torch.zeros_like(batch.mask[:1]), None, None
-            denominator = distributed.sum_all(local)[0]
-            if not denominator:
-                continue
-            denominator /= world  # the gradients are averaged over ranks
-        with autocast(device, cfg.dtype):
-            logp = completion_logprobs(policy, batch, rows)
-        parts = grpo_loss(logp, logp.detach() if old_c is None else old_c, ref_c, advantages[rows], mask,
-                          gc.variant, gc.eps_low, gc.eps_high, gc.beta, gc.max_new_tokens, denominator)
-        optimizer.zero_grad(set_to_none=True)
-        parts.loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        plain = distributed.unwrap(policy)
-        if hasattr(plain, "after_step"):  # e.g. DeepSeek-V3's expert balancing
-            plain.after_step()
-    return parts
 
 
 def grpo(cfg: RunConfig, run_dir: Path, tok: ChatTokenizer, base: Transformer, device: torch.device,
