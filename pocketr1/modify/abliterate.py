@@ -16,7 +16,7 @@ mediated by a single direction").
    tasks use most (measured: 70% of its energy in the guard tasks' top 32 of 256 principal directions), and
    ablating it costs tasks as ablating a random direction does; the whitened direction moves what the tasks
    use least, for the same separation of harmful from harmless (Fisher's discriminant, regularised).
-4. Try directions for real (greedy replies with the weights orthogonalised): for each of those candidates, its
+4. Try directions for real (greedy and sampled replies, weights orthogonalised): for each of those candidates, its
    variants from the most whitened to the plain difference of means, stopping at the first that leaves at
    most `max_refusal_rate` refusals; keep the one with the least KL among those that did (candidates in the
    last `skip_last` share of layers, where a direction tends to suppress the refusal's tokens rather than the
@@ -219,13 +219,20 @@ class Reply:
     text: str
 
 
+# How a direction is tried for real: greedy replies, and one sampled at the usual evaluation settings (`pocketr1
+# eval`'s T=0.6, top-p 0.95), since a refusal just under the greedy choice still comes up in samples.
+TRIAL_SAMPLING = SamplingParams(0.6, 0.95, 0, 0, seed=20250122)
+
+
 def greedy_replies(model: Transformer, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int,
-                   batch_size: int = 16) -> list[Reply]:
+                   batch_size: int = 16, sampling: SamplingParams | None = None) -> list[Reply]:
+    """The model's greedy replies (or sampled with `sampling`, whose max_new_tokens is ignored)."""
+    params = SamplingParams(0.0, 1.0, 0, max_new_tokens) if sampling is None else \
+        SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, max_new_tokens, sampling.seed)
     out = []
     for batch in _batches(prompts, batch_size):
         ids = [tok.prompt_ids(p) for p in batch]
-        done = generate(model, ids, SamplingParams(0.0, 1.0, 0, max_new_tokens), tok.stop_ids, pad_id=tok.pad_id,
-                        dtype=torch.float32)
+        done = generate(model, ids, params, tok.stop_ids, pad_id=tok.pad_id, dtype=torch.float32)
         out += [Reply(p, c.ids + ([tok.eos_id] if c.finished else []), tok.decode(c.ids)) for p, c in zip(ids, done)]
     return out
 
@@ -260,7 +267,7 @@ class Candidate:
     position: int  # negative index among the post-instruction tokens
     refusal_loglik: float = float("nan")  # of the model's own refusals, with this direction ablated
     kl: float = float("nan")  # harmless replies' next-token KL from the original model
-    refusal_rate: float | None = None  # greedy refusals on the held-back harmful prompts, weights orthogonalised
+    refusal_rate: float | None = None  # refusals on the held-back harmful prompts (greedy and sampled), orthogonalised
     ridge: float | None = None  # None: the difference of means itself; else whitened with this ridge (`whitened`)
 
     def allowed(self, max_kl: float) -> bool:
@@ -360,7 +367,8 @@ def abliterate(model: Transformer, tok: ChatTokenizer, harmful: list[str], harml
                 continue
             trial = copy.deepcopy(model)
             orthogonalise(trial, direction_of(v))
-            v.refusal_rate = rate(greedy_replies(trial, tok, harmful_val, max_new_tokens, batch_size))
+            v.refusal_rate = rate(greedy_replies(trial, tok, harmful_val, max_new_tokens, batch_size) +
+                                  greedy_replies(trial, tok, harmful_val, max_new_tokens, batch_size, TRIAL_SAMPLING))
             del trial
             tried.append(v)
             if v.refusal_rate <= max_refusal_rate:  # a stronger variant would only cost more
