@@ -17,8 +17,8 @@ mediated by a single direction").
    ablating it costs tasks as ablating a random direction does; the whitened direction moves what the tasks
    use least, for the same separation of harmful from harmless (Fisher's discriminant, regularised).
 4. Try directions for real (greedy and sampled replies, weights orthogonalised): for each of those candidates, its
-   variants from the most whitened to the plain difference of means, stopping at the first that leaves at
-   most `max_refusal_rate` refusals; keep the one with the least KL among those that did (candidates in the
+   variants from the most whitened to the plain difference of means, stopping one step past the first that
+   leaves at most `max_refusal_rate` refusals; keep the one with the least KL among those (candidates in the
    last `skip_last` share of layers, where a direction tends to suppress the refusal's tokens rather than the
    concept, or over `max_kl`, are not tried). Orthogonalise W <- W - r r^T W for the embedding, o_proj and
    down_proj weights, and save a new model folder.
@@ -360,24 +360,33 @@ def abliterate(model: Transformer, tok: ChatTokenizer, harmful: list[str], harml
     baseline = sequence_loglik(reply_logprobs(model, refusals, tok.pad_id), refusals)
     # Tried for real: a lower likelihood of the refusal does not always stop the greedy reply from refusing.
     rate = lambda replies: sum(is_refusal(r.text) for r in replies) / len(replies)  # noqa: E731
-    tried = []
+
+    def trial_rate(v: Candidate) -> float:
+        trial = copy.deepcopy(model)
+        orthogonalise(trial, direction_of(v))
+        return rate(greedy_replies(trial, tok, harmful_val, max_new_tokens, batch_size) +
+                    greedy_replies(trial, tok, harmful_val, max_new_tokens, batch_size, TRIAL_SAMPLING))
+
+    tried, picks = [], []
     for c in tqdm(strongest, desc="try directions", unit="dir", dynamic_ncols=True):
-        for v in variants[id(c)] + [c]:
-            if not v.allowed(max_kl):
-                continue
-            trial = copy.deepcopy(model)
-            orthogonalise(trial, direction_of(v))
-            v.refusal_rate = rate(greedy_replies(trial, tok, harmful_val, max_new_tokens, batch_size) +
-                                  greedy_replies(trial, tok, harmful_val, max_new_tokens, batch_size, TRIAL_SAMPLING))
-            del trial
+        ladder = [v for v in variants[id(c)] + [c] if v.allowed(max_kl)]  # most whitened first
+        for step, v in enumerate(ladder):
+            v.refusal_rate = trial_rate(v)
             tried.append(v)
-            if v.refusal_rate <= max_refusal_rate:  # a stronger variant would only cost more
+            if v.refusal_rate <= max_refusal_rate:
+                # One step further when the guard allows: prompts the direction was not fitted on (other
+                # wordings) refuse more often than the held-back ones. Stronger still would only cost more.
+                if step + 1 < len(ladder):
+                    ladder[step + 1].refusal_rate = trial_rate(ladder[step + 1])
+                    tried.append(ladder[step + 1])
+                    v = ladder[step + 1] if ladder[step + 1].refusal_rate <= v.refusal_rate else v
+                picks.append(v)
                 break
     if not tried:
         least = min(c.kl for c in candidates)
         raise UserError(f"every candidate direction changes harmless replies by more than --max-kl {max_kl} "
                         f"(the least: KL {least:.3f}); raise --max-kl or give more prompts.")
-    best = least_harmful(tried, max_refusal_rate)
+    best = min(picks, key=lambda c: c.kl) if picks else least_harmful(tried, max_refusal_rate)
 
     orthogonalise(model, direction_of(best))
     after = greedy_replies(model, tok, harmful_val, max_new_tokens, batch_size)
