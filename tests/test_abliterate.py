@@ -12,15 +12,11 @@ import torch
 
 from pocketr1.errors import UserError
 from pocketr1.model import ModelConfig, build_model, save_model
-from pocketr1.modify.abliterate import (
-    Candidate,
+from pocketr1.modify.abliterate import Candidate, abliterate, least_harmful, post_instruction_length, read_prompts
+from pocketr1.modify.directions import (
     ablated,
-    abliterate,
-    least_harmful,
     mean_residuals,
     orthogonalise,
-    post_instruction_length,
-    read_prompts,
     stream_covariance,
     whitened,
     writers,
