@@ -298,7 +298,8 @@ class Transformer(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                cache: KVCache | None = None) -> torch.Tensor:
-        """Final-normed hidden states [batch, time, hidden]. `positions` are per row (left padding);
+        """Final-normed hidden states [batch, time, hidden] (a frozen copy leaves the norm weight to its head).
+        `positions` are per row (left padding);
         `mask` None means plain causal attention (right-padded training batches)."""
         x = self.model.embed_tokens(input_ids)
         # [batch, time, 1, head_dim]: broadcast over the heads of [batch, time, heads, head_dim].

@@ -79,7 +79,7 @@ def update(policy: torch.nn.Module, reference: Transformer | None, optimizer: to
     order = torch.arange(len(keep), device=device)
     chunks = order.chunk(gc.minibatches) if world == 1 else order.tensor_split(gc.minibatches)
     for chunk in chunks:
-        rows, mask, denominator = keep[chunk], batch.mask[keep[chunk]], None
+        rows, mask = keep[chunk], batch.mask[keep[chunk]]
         old_c = None if old is None else old[chunk]
         if world > 1:
             local = float(mask.sum() if gc.variant == "dapo" else len(rows))
