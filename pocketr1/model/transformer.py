@@ -299,8 +299,8 @@ class Transformer(nn.Module):
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                cache: KVCache | None = None) -> torch.Tensor:
         """Final-normed hidden states [batch, time, hidden] (a frozen copy leaves the norm weight to its head).
-        `positions` are per row (left padding);
-        `mask` None means plain causal attention (right-padded training batches)."""
+        `positions` are per row (left padding); `mask` None means plain causal attention (right-padded
+        training batches)."""
         x = self.model.embed_tokens(input_ids)
         # [batch, time, 1, head_dim]: broadcast over the heads of [batch, time, heads, head_dim].
         cos = self.rope_cos[positions].unsqueeze(2).to(x.dtype)
