@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -93,20 +93,20 @@ def post_instruction_length(tok: ChatTokenizer) -> int:
 @dataclass(slots=True)
 class Reply:
     prompt: list[int]
-    reply: list[int]  # the model's greedy reply, with its stop token when it stopped
+    reply: list[int]  # the model's reply, with its stop token when it stopped
     text: str
 
 
+GREEDY = SamplingParams(0.0, 1.0, 0)
 # How a direction is tried for real: greedy replies, and one sampled at the usual evaluation settings (`pocketr1
 # eval`'s T=0.6, top-p 0.95), since a refusal just under the greedy choice still comes up in samples.
-TRIAL_SAMPLING = SamplingParams(0.6, 0.95, 0, 0, seed=20250122)
+TRIAL_SAMPLING = SamplingParams(0.6, 0.95, 0, seed=20250122)
 
 
-def greedy_replies(model: Transformer, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int,
-                   batch_size: int = 16, sampling: SamplingParams | None = None) -> list[Reply]:
-    """The model's greedy replies (or sampled with `sampling`, whose max_new_tokens is ignored)."""
-    params = SamplingParams(0.0, 1.0, 0, max_new_tokens) if sampling is None else \
-        SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, max_new_tokens, sampling.seed)
+def model_replies(model: Transformer, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int,
+                  batch_size: int = 16, sampling: SamplingParams = GREEDY) -> list[Reply]:
+    """The model's replies to `prompts`: greedy, or drawn with `sampling` (up to `max_new_tokens` either way)."""
+    params = replace(sampling, max_new_tokens=max_new_tokens)
     out = []
     for batch in batches(prompts, batch_size):
         ids = [tok.prompt_ids(p) for p in batch]
@@ -197,13 +197,13 @@ def abliterate(model: Transformer, tok: ChatTokenizer, harmful: list[str], harml
     harmless_fit, harmless_val = _split(harmless, "harmless", "--harmless")
     n_post = post_instruction_length(tok)
 
-    before = greedy_replies(model, tok, harmful_val, max_new_tokens, batch_size)
+    before = model_replies(model, tok, harmful_val, max_new_tokens, batch_size)
     refusals = [r for r in before if is_refusal(r.text)]
     if not refusals:
         raise UserError(f"the model refuses none of the {len(before)} held-back harmful prompts (e.g. it answers "
                         f"{before[0].text[:60]!r}), so there is no refusal to remove.")
     kept = harmless_val + (guard or [])[:64]
-    harmless_before = greedy_replies(model, tok, kept, max_new_tokens, batch_size)
+    harmless_before = model_replies(model, tok, kept, max_new_tokens, batch_size)
 
     mean = lambda prompts, desc: mean_residuals(  # noqa: E731
         model, [tok.prompt_ids(p) for p in prompts], n_post, tok.pad_id, batch_size, desc)
@@ -237,8 +237,8 @@ def abliterate(model: Transformer, tok: ChatTokenizer, harmful: list[str], harml
     def trial_rate(v: Candidate) -> float:
         trial = copy.deepcopy(model)
         orthogonalise(trial, direction_of(v))
-        return rate(greedy_replies(trial, tok, harmful_val, max_new_tokens, batch_size) +
-                    greedy_replies(trial, tok, harmful_val, max_new_tokens, batch_size, TRIAL_SAMPLING))
+        return rate(model_replies(trial, tok, harmful_val, max_new_tokens, batch_size) +
+                    model_replies(trial, tok, harmful_val, max_new_tokens, batch_size, TRIAL_SAMPLING))
 
     tried, picks = [], []
     for c in tqdm(strongest, desc="try directions", unit="dir", dynamic_ncols=True):
@@ -262,8 +262,8 @@ def abliterate(model: Transformer, tok: ChatTokenizer, harmful: list[str], harml
     best = min(picks, key=lambda c: c.kl) if picks else least_harmful(tried, max_refusal_rate)
 
     orthogonalise(model, direction_of(best))
-    after = greedy_replies(model, tok, harmful_val, max_new_tokens, batch_size)
-    harmless_after = greedy_replies(model, tok, kept, max_new_tokens, batch_size)
+    after = model_replies(model, tok, harmful_val, max_new_tokens, batch_size)
+    harmless_after = model_replies(model, tok, kept, max_new_tokens, batch_size)
     return {
         "method": "refusal direction (difference of means, whitened against the kept replies' residual streams "
                   "where that harms less), weights orthogonalised (Arditi et al. 2024)",

@@ -14,7 +14,7 @@ import torch
 
 from pocketr1.errors import UserError
 from pocketr1.model import Transformer
-from pocketr1.modify.abliterate import greedy_replies, mean_kl, read_prompts, reply_logprobs
+from pocketr1.modify.abliterate import mean_kl, model_replies, read_prompts, reply_logprobs
 from pocketr1.tokenizer import ChatTokenizer
 
 
@@ -50,8 +50,8 @@ def weight_changes(a: Transformer, b: Transformer) -> list[dict]:
 
 def logit_kl(a: Transformer, b: Transformer, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int) -> dict:
     """KL(A || B) of next-token distributions along A's greedy replies, and how often the greedy replies match."""
-    replies_a = greedy_replies(a, tok, prompts, max_new_tokens)
-    replies_b = greedy_replies(b, tok, prompts, max_new_tokens)
+    replies_a = model_replies(a, tok, prompts, max_new_tokens)
+    replies_b = model_replies(b, tok, prompts, max_new_tokens)
     kl = mean_kl(reply_logprobs(a, replies_a, tok.pad_id), reply_logprobs(b, replies_a, tok.pad_id))
     same = sum(x.reply == y.reply for x, y in zip(replies_a, replies_b)) / len(prompts)
     return {"prompts": len(prompts), "kl": kl, "same_greedy_reply": same}
