@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pocketr1.engine.generate import decode_threads, weight_count
 from pocketr1.engine.sampling import sample_next
 from pocketr1.model.transformer import Transformer
 from pocketr1.thinking import partial_tail
@@ -81,6 +82,7 @@ class Batcher:
     def __init__(self, model: Transformer, tokenizer: ChatTokenizer, max_batch: int = 32, max_queue: int = 256,
                  dtype: torch.dtype = torch.float32):
         self.model = model.frozen(dtype)  # fused, prepacked weights; the same kernels at every batch size
+        self.weights = weight_count(model)  # decode steps below the threshold run on one thread, as generate's
         self.cfg, self.tok = model.config, tokenizer
         self.device = model.model.embed_tokens.weight.device
         self.dtype, self.max_batch, self.max_queue = dtype, max_batch, max_queue
@@ -147,7 +149,8 @@ class Batcher:
                     self._drop([s for s in self.seqs if s.ticket.cancelled])
                     self._admit()
                     if self.seqs:
-                        self._step()
+                        with decode_threads(self.weights, len(self.seqs)):
+                            self._step()
             except Exception as e:  # e.g. out of memory: fail the running jobs, keep serving new ones
                 for ticket in self._running_tickets():
                     ticket.sink(("error", f"generation failed: {type(e).__name__}: {e}"))

@@ -109,12 +109,17 @@ def batch_size(live: int) -> int:
 PASSIVE_SINGLE_THREAD_WORK = 1e9
 
 
-def decode_threads(model: Transformer, rows: int) -> contextlib.AbstractContextManager:
-    """One thread for generating `rows` rows with `model` when waking a second one would cost more."""
+def weight_count(model: Transformer) -> int:
+    """The model's weights (what a decode step reads once per row; a frozen copy's packed ones don't count)."""
+    return sum(t.numel() for t in model.state_dict().values())
+
+
+def decode_threads(weights: int, rows: int) -> contextlib.AbstractContextManager:
+    """One thread for decoding `rows` rows of a model of `weights` weights when waking a second would cost
+    more (see PASSIVE_SINGLE_THREAD_WORK); the setting is the calling thread's."""
     passive = os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive"
     if not passive or torch.get_num_threads() == 1:
         return contextlib.nullcontext()
-    weights = sum(t.numel() for t in model.state_dict().values())
     return _threads(1) if weights * rows < PASSIVE_SINGLE_THREAD_WORK else contextlib.nullcontext()
 
 
@@ -139,7 +144,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     (data-parallel GRPO splits a step's prompts over processes and must sample what one process would)."""
     if not prompts:
         return []
-    with decode_threads(model, len(prompts) * n):
+    with decode_threads(weight_count(model), len(prompts) * n):
         return _generate(model, prompts, params, stop_ids, n, pad_id, on_token, dtype, prompt_seeds)
 
 

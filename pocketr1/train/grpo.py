@@ -93,18 +93,15 @@ def to_rollout(tok: ChatTokenizer, problems: list[Problem], completions: list[Co
     gc = cfg.grpo
     prompts = [tok.prompt_ids(p.question) for p in problems]
     prompt_len = max(len(p) for p in prompts)
-    width = max(1, max(len(c.ids) + c.finished for c in completions))
-    n = len(completions)
-    ids = torch.full((n, prompt_len + width), tok.pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width))
-    pad_left = torch.zeros(n, dtype=torch.long)
-    for i, c in enumerate(completions):
+    sampled = [c.ids + [tok.eos_id] * c.finished for c in completions]  # the stop token is trained on too
+    width = max(1, max(len(s) for s in sampled))
+    rows, pad_left = [], []  # lists, then one tensor each: writing row by row into tensors costs milliseconds
+    for i, tokens in enumerate(sampled):
         prompt = prompts[i // gc.group_size]
-        sampled = c.ids + ([tok.eos_id] if c.finished else [])
-        pad_left[i] = prompt_len - len(prompt)
-        ids[i, pad_left[i]:prompt_len] = torch.tensor(prompt)
-        ids[i, prompt_len:prompt_len + len(sampled)] = torch.tensor(sampled, dtype=torch.long)
-        mask[i, :len(sampled)] = 1.0
+        rows.append([tok.pad_id] * (prompt_len - len(prompt)) + prompt + tokens + [tok.pad_id] * (width - len(tokens)))
+        pad_left.append(prompt_len - len(prompt))
+    ids, pad_left = torch.tensor(rows), torch.tensor(pad_left)
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(s) for s in sampled])[:, None]).float()
     texts, rewards, accuracy = score(tok, problems, completions, cfg)
     reflections = [reflection_count(t) for t in texts]
     lengths = torch.tensor([len(c.ids) for c in completions], dtype=torch.float)
