@@ -14,11 +14,11 @@ from pocketr1.errors import UserError
 RUNS = Path("runs")
 ARCHS = {"qwen2": "qwen2", "llama": "llama", "deepseek": "deepseek_v3"}  # --arch NAME -> model.model_type
 RUN_EPILOG = """examples:
-  pocketr1 run                                  the default: about 10 minutes on a 2-core laptop
+  pocketr1 run                                  the default: about 5 minutes on a 2-core laptop
   pocketr1 run --preset tiny --out /tmp/demo    a one-minute miniature
   pocketr1 run grpo.variant=dapo grpo.eps_high=0.28 grpo.beta=0
   pocketr1 run --resume                         continue runs/latest after a crash or Ctrl-C
-  pocketr1 run --recipe r1                      R1's stages: cold start, RL, rejection SFT, RL, distill (~25 min)
+  pocketr1 run --recipe r1                      R1's stages: cold start, RL, rejection SFT, RL, distill (~11 min)
   pocketr1 config --preset small                every config key and its value"""
 
 

@@ -14,7 +14,7 @@
 It can fail, and says so (exit status 1): the censored model must refuse >= 90% of held-out topic questions,
 the abliterated one <= 10%, with held-out task pass@1 within 5 points of the censored model's.
 
-    python scripts/refusal_demo.py --out runs/refusal-demo               # the censored preset: ~9 min, 2 cores
+    python scripts/refusal_demo.py --out runs/refusal-demo               # the censored preset: ~7 min, 2 cores
     # A smoke run of every step (3-4 min; the tiny model needs a harder censoring and still misses the figures):
     python scripts/refusal_demo.py data.topic_docs=600 --out /tmp/demo --preset tiny --trace-prompts 32 \
         --problems 20 --censor-overrides sft.epochs=8 sft.lr=2e-3 sft.seq_len=256
