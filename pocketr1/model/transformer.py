@@ -161,7 +161,8 @@ class Attention(nn.Module):
 
 
 # Up to this many scores per head (queries x keys), attention that runs in bf16 on CPU is written out as
-# matmuls (`_small_attention`): GRPO's 128-slot rows, fine-tuning batches of a few hundred tokens.
+# matmuls (`_small_attention`): GRPO's 128-slot rows, pretraining's 256-token ones, short fine-tuning rows.
+# The scores are materialised ([batch, heads, queries, keys]), so longer rows keep the fused kernel.
 SMALL_ATTENTION = 512 * 512
 
 
@@ -170,11 +171,11 @@ def sequence_attention(q, k, v, mask, scale: float | None = None):
 
     On CPU, masked attention in bf16 (bf16 inputs or autocast) of at most `SMALL_ATTENTION` scores per head
     runs as plain matmuls and a bf16 softmax: the fused kernel computes every masked-out score as well, and
-    its bf16 backward is slow, so this is 1.5-2.5x faster forward and backward (GRPO's update batches, their
-    reference forward, prefills). Its scores are rounded to bf16, as the cached decode's are.
-    Otherwise a forward that will be backpropagated runs in float32 even under bf16 autocast (which would cast
-    the inputs back): the fused kernel's bf16 backward takes about twice as long as its float32 one
-    (pretraining's 256-512-token rows). Its output goes on in float32; the next projection casts it."""
+    its bf16 backward is slow, so this is 1.5-2.5x faster forward and backward (packed pretraining and SFT
+    rows, GRPO's update and its reference forward, prefills). Its scores are rounded to bf16, as the cached
+    decode's are. Otherwise (longer rows, plain causal batches) a forward that will be backpropagated runs
+    in float32 even under bf16 autocast (which would cast the inputs back): the fused kernel's bf16 backward
+    takes about twice as long as its float32 one. Its output goes on in float32; the next projection casts it."""
     cpu, low = q.device.type == "cpu", q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")
     if cpu and low and mask is not None and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION:
         return _small_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
