@@ -57,6 +57,7 @@ class GRPOConfig:
     eps_high: float = 0.2  # DAPO's clip-higher sets this above eps_low (0.28)
     ref_reset_every: int = 0  # copy the policy into the reference every N steps (0: never)
     minibatches: int = 1  # optimizer steps per rollout batch (>1 makes the ratio and its clip matter)
+    pass_tokens: int = 0  # ~most completion tokens per forward/backward pass, bounding the update's memory (0: off)
     temperature: float = 1.0
     max_new_tokens: int = 96
     format_weight: float = 0.1  # reward = accuracy + format_weight * format

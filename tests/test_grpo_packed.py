@@ -145,36 +145,55 @@ def test_update_matches_the_padded_update(variant, monkeypatch):
         torch.testing.assert_close(pb, pa, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pass_tokens", [0, 6], ids=["one-pass", "passes-of-6-tokens"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_update_split_over_threads_matches_one_thread(variant, monkeypatch):
+def test_update_split_over_threads_matches_one_thread(variant, pass_tokens, monkeypatch):
     """On two intra-op threads the update runs each minibatch as two halves on two Python threads and sums their
-    gradients (grpo_update.py): loss, diagnostics and gradients equal one thread's whole-minibatch backward."""
+    gradients (grpo_update.py): loss, diagnostics and gradients equal one thread's whole-minibatch backward.
+    With `grpo.pass_tokens` the minibatch runs in passes of at most that many tokens, on either path."""
+    one_pass = build("tiny", [f"grpo.variant={variant}", "grpo.beta=0.05", "grpo.minibatches=2",
+                              f"grpo.group_size={G}", f"grpo.max_new_tokens={T}", "dtype=float32"])
     cfg = build("tiny", [f"grpo.variant={variant}", "grpo.beta=0.05", "grpo.minibatches=2", f"grpo.group_size={G}",
-                         f"grpo.max_new_tokens={T}", "dtype=float32"])
+                         f"grpo.max_new_tokens={T}", "dtype=float32", f"grpo.pass_tokens={pass_tokens}"])
     batch, base = make_rollout(seed=5), tiny_model(6)
     reference = copy.deepcopy(base).requires_grad_(False)
     with torch.no_grad():
         for p in base.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)))
     seen: set[str] = set()
+    calls: list[float] = []  # completion tokens of each rows_loss call
     rows_loss = grpo_update.rows_loss
 
     def recording(*args, **kwargs):
         seen.add(threading.current_thread().name)
+        calls.append(float(args[2].mask[args[3]].sum()))  # (policy, reference, batch, rows, ...)
         return rows_loss(*args, **kwargs)
 
     monkeypatch.setattr(grpo_update, "rows_loss", recording)
-    runs = {}
+    runs, tokens = {}, {}
     before = torch.get_num_threads()
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+        for threads, config in ((0, one_pass), (1, cfg), (2, cfg)):  # 0: one thread, the whole minibatch at once
+            torch.set_num_threads(max(threads, 1))
             policy = copy.deepcopy(base)
-            runs[threads] = (*_run_update(policy, reference, batch, cfg), policy)
+            calls.clear()
+            runs[threads] = (*_run_update(policy, reference, batch, config), policy)
+            tokens[threads] = list(calls)
     finally:
         torch.set_num_threads(before)
     assert {"grpo-update-0", "grpo-update-1"} <= seen and threading.main_thread().name in seen
-    (grads_1, parts_1, policy_1), (grads_2, parts_2, policy_2) = runs[1], runs[2]
+    assert len(tokens[0]) == 2  # one call per minibatch
+    if pass_tokens:  # smaller passes, covering every token once
+        for threads in (1, 2):
+            assert len(tokens[threads]) >= 2 * threads and max(tokens[threads]) < max(tokens[0]) / 2
+            assert sum(tokens[threads]) == sum(tokens[0])
+    for threads in (1, 2):
+        _compare(runs[0], runs[threads])
+
+
+def _compare(run_a, run_b) -> None:
+    """Loss, diagnostics, every minibatch's gradients and the weights after of two update runs agree."""
+    (grads_1, parts_1, policy_1), (grads_2, parts_2, policy_2) = run_a, run_b
     torch.testing.assert_close(parts_2.loss, parts_1.loss.detach(), atol=1e-6, rtol=1e-5)
     assert parts_2.kl == pytest.approx(parts_1.kl, rel=1e-4) and parts_1.kl > 0
     assert parts_2.clipped == pytest.approx(parts_1.clipped) and parts_2.tokens == parts_1.tokens

@@ -123,14 +123,42 @@ def backward(policy: torch.nn.Module, reference: Transformer | None, batch, rows
              old: torch.Tensor | None, advantages: torch.Tensor, cfg: RunConfig, denominator: float, threads: int,
              empty: bool = False) -> LossParts:
     """The minibatch's loss, its gradients left in `.grad`: on `threads` Python threads, each with its share of
-    the rows (see the module docstring), or on this one."""
+    the rows (see the module docstring), or on this one; in passes of at most `grpo.pass_tokens` completion
+    tokens when that is set (each pass's graph is freed before the next: the same gradient, bounded memory).
+    Under torchrun every rank must run the same collectives, so there the minibatch runs whole."""
     args = (advantages, cfg, denominator)
+    tokens = batch.mask[rows].sum(dim=1)
+    limit = cfg.grpo.pass_tokens if distributed.world() == 1 else 0
+    passes = -(-int(tokens.sum()) // limit) if limit else 1
     if threads < 2 or len(rows) < 2:
-        parts = rows_loss(policy, reference, batch, rows, old, *args, empty=empty)
-        parts.loss.backward()
-        return parts
-    shares = balanced_shares(batch.mask[rows].sum(dim=1), min(threads, len(rows)))
+        shares = balanced_shares(tokens, min(max(passes, 1), len(rows)))
+        parts = []
+        for share in shares:
+            part = rows_loss(policy, reference, batch, rows[share], None if old is None else old[share], *args,
+                             empty=empty)
+            part.loss.backward()
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else combine(parts)
+    shares = balanced_shares(tokens, min(threads * max(passes, 1), len(rows)))
     params = [p for p in policy.parameters() if p.requires_grad]
+    grads: list[torch.Tensor | None] = [None] * len(params)
+    parts = []
+    for first in range(0, len(shares), threads):  # a pass: one share per thread
+        for part, share_grads in _threaded_pass(policy, reference, batch, rows, old, shares[first:first + threads],
+                                                params, args):
+            parts.append(part)
+            for i, g in enumerate(share_grads):  # summed in a fixed order: runs repeat bit for bit
+                if g is not None:
+                    grads[i] = g if grads[i] is None else grads[i] + g
+    for p, g in zip(params, grads):
+        p.grad = g
+    return combine(parts)
+
+
+def _threaded_pass(policy: torch.nn.Module, reference: Transformer | None, batch, rows: torch.Tensor,
+                   old: torch.Tensor | None, shares: list[torch.Tensor], params: list[torch.Tensor],
+                   args: tuple) -> list[tuple[LossParts, tuple]]:
+    """Each share's loss and gradients, one Python thread (one intra-op thread) per share."""
     results: list = [None] * len(shares)
 
     def work(i: int) -> None:
@@ -138,8 +166,7 @@ def backward(policy: torch.nn.Module, reference: Transformer | None, batch, rows
         try:
             share = shares[i]
             parts = rows_loss(policy, reference, batch, rows[share], None if old is None else old[share], *args)
-            grads = torch.autograd.grad(parts.loss, params, allow_unused=True)
-            results[i] = (parts, grads)
+            results[i] = (parts, torch.autograd.grad(parts.loss, params, allow_unused=True))
         except BaseException as error:  # re-raised on the calling thread
             results[i] = error
 
@@ -155,10 +182,7 @@ def backward(policy: torch.nn.Module, reference: Transformer | None, batch, rows
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    for p, grads in zip(params, zip(*(grads for _, grads in results))):
-        present = [g for g in grads if g is not None]  # summed in a fixed order: runs repeat bit for bit
-        p.grad = sum(present[1:], present[0]) if present else None
-    return combine([parts for parts, _ in results])
+    return results
 
 
 def balanced_shares(tokens: torch.Tensor, parts: int) -> list[torch.Tensor]:
