@@ -123,7 +123,7 @@ def backward(policy: torch.nn.Module, reference: Transformer | None, batch, rows
              old: torch.Tensor | None, advantages: torch.Tensor, cfg: RunConfig, denominator: float, threads: int,
              empty: bool = False) -> LossParts:
     """The minibatch's loss, its gradients left in `.grad`: on `threads` Python threads, each with its share of
-    the rows (see the module docstring), or on this one; in passes of at most `grpo.pass_tokens` completion
+    the rows (see the module docstring), or on this one; in passes of about `grpo.pass_tokens` completion
     tokens when that is set (each pass's graph is freed before the next: the same gradient, bounded memory).
     Under torchrun every rank must run the same collectives, so there the minibatch runs whole."""
     args = (advantages, cfg, denominator)
