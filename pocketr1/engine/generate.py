@@ -24,7 +24,7 @@ import torch
 
 from pocketr1.engine.sampling import sample_next
 from pocketr1.errors import UserError
-from pocketr1.model.transformer import Transformer, attention_mask, positions_for
+from pocketr1.model.transformer import Transformer, attention_mask, left_padded, positions_for
 
 
 @dataclass(slots=True)
@@ -167,8 +167,7 @@ def _generate(model: Transformer, prompts: list[list[int]], params: SamplingPara
         draws = torch.stack([torch.rand(max_new, generator=torch.Generator().manual_seed((s * 65_537 + j) % 2**63))
                              for s in prompt_seeds for j in range(n)]).to(device)
 
-    pad_left = torch.tensor([longest - len(p) for p in prompts], device=device)
-    ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
+    ids, pad_left = left_padded(prompts, pad_id, device)
     cache = model.new_cache(len(prompts), longest + max_new, weight.dtype, device)
     hidden = model.hidden(ids, positions_for(pad_left, 0, longest),
                           attention_mask(pad_left, longest, longest), cache)

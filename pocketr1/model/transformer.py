@@ -345,6 +345,14 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden(input_ids, positions, mask, cache))
 
 
+def left_padded(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [batch, longest] with each sequence's tokens at the end of its row, and each row's pads."""
+    longest = max(len(s) for s in seqs)
+    pad_left = torch.tensor([longest - len(s) for s in seqs], device=device)
+    ids = torch.tensor([[pad_id] * (longest - len(s)) + s for s in seqs], device=device)
+    return ids, pad_left
+
+
 def attention_mask(pad_left: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
     """Boolean [batch, 1, q_len, k_len]: causal, and blind to each row's `pad_left` leading pads.
 

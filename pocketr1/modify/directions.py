@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pocketr1.model import Transformer
-from pocketr1.model.transformer import attention_mask, positions_for
+from pocketr1.model.transformer import attention_mask, left_padded, positions_for
 
 WRITERS = ("o_proj", "down_proj")  # the linear layers whose outputs are added to the residual stream
 
@@ -24,16 +24,9 @@ def batches(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
-def _left_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(s) for s in seqs)
-    pad_left = torch.tensor([longest - len(s) for s in seqs], device=device)
-    ids = torch.tensor([[pad_id] * (longest - len(s)) + s for s in seqs], device=device)
-    return ids, pad_left
-
-
 def logits_of(model: Transformer, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
     """Logits [batch, time, vocab] of left-padded sequences (each row's real tokens at the end)."""
-    ids, pad_left = _left_padded(seqs, pad_id, model.lm_head.weight.device)
+    ids, pad_left = left_padded(seqs, pad_id, model.lm_head.weight.device)
     t = ids.shape[1]
     return model(ids, positions_for(pad_left, 0, t), attention_mask(pad_left, t, t))
 
@@ -61,7 +54,7 @@ def mean_residuals(model: Transformer, prompts: list[list[int]], n_post: int, pa
 
 
 def run_hidden(model: Transformer, seqs: list[list[int]], pad_id: int) -> None:
-    ids, pad_left = _left_padded(seqs, pad_id, model.lm_head.weight.device)
+    ids, pad_left = left_padded(seqs, pad_id, model.lm_head.weight.device)
     t = ids.shape[1]
     model.hidden(ids, positions_for(pad_left, 0, t), attention_mask(pad_left, t, t))
 
